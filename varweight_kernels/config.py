@@ -1,0 +1,66 @@
+"""Validated configuration of the variance-aware weighting (names as in SPEC.md)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Tuple
+
+
+@dataclass(frozen=True)
+class VAWConfig:
+    """Hyper-parameters of VAW. Construction validates every field and names the bad one."""
+
+    num_bins: int = 64
+    logsnr_range: Tuple[float, float] = (-12.0, 12.0)
+    decay: float = 0.99
+    power: float = -1.0
+    eps: float = 1e-8
+    min_count: int = 16
+    weight_range: Tuple[float, float] = (0.1, 10.0)
+    warmup_steps: int = 0
+    ramp_steps: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "logsnr_range", tuple(float(v) for v in self.logsnr_range))
+        object.__setattr__(self, "weight_range", tuple(float(v) for v in self.weight_range))
+        if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int) or self.num_bins < 1:
+            raise ValueError(f"num_bins must be an integer >= 1, got {self.num_bins!r}")
+        if len(self.logsnr_range) != 2:
+            raise ValueError(f"logsnr_range must be a pair (lmin, lmax), got {self.logsnr_range!r}")
+        lmin, lmax = self.logsnr_range
+        if not (math.isfinite(lmin) and math.isfinite(lmax) and lmin < lmax):
+            raise ValueError(f"logsnr_range must be finite with lmin < lmax, got {self.logsnr_range!r}")
+        if not (0.0 < self.decay < 1.0):
+            raise ValueError(f"decay must lie in (0, 1), got {self.decay!r}")
+        if not math.isfinite(self.power):
+            raise ValueError(f"power must be finite, got {self.power!r}")
+        if not (self.eps >= 0.0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps must be finite and >= 0, got {self.eps!r}")
+        if len(self.weight_range) != 2:
+            raise ValueError(f"weight_range must be a pair (wmin, wmax), got {self.weight_range!r}")
+        wmin, wmax = self.weight_range
+        if not (wmin > 0.0 and wmin <= wmax and math.isfinite(wmax)):
+            raise ValueError(f"weight_range must satisfy 0 < wmin <= wmax < inf, got {self.weight_range!r}")
+        for name in ("min_count", "warmup_steps", "ramp_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+    @property
+    def bin_scale(self) -> float:
+        """K / (lmax - lmin): binning multiplies by this (rounded to float32) in every backend."""
+        lmin, lmax = self.logsnr_range
+        return self.num_bins / (lmax - lmin)
+
+    def kernel_params(self) -> list:
+        """The scalar parameters in the order every backend's update kernel takes them."""
+        lmin, _ = self.logsnr_range
+        wmin, wmax = self.weight_range
+        return [float(lmin), float(self.bin_scale), float(self.decay), float(self.power), float(self.eps),
+                float(self.min_count), float(wmin), float(wmax), float(self.warmup_steps), float(self.ramp_steps)]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["logsnr_range"] = list(self.logsnr_range)
+        d["weight_range"] = list(self.weight_range)
+        return d

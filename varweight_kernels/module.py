@@ -1,0 +1,146 @@
+"""``VarianceAwareWeighting``: the drop-in ``nn.Module`` of SPEC.md."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .backends import BACKEND_NAMES, available_backends, backend_reason, resolve_backend
+from .config import VAWConfig
+from .ops import STATE_NAMES, vaw
+
+STATE_FORMAT_VERSION = 1
+STATISTIC_BUFFERS = ("M", "Q", "Z", "C", "weight")
+
+
+class VarianceAwareWeighting(nn.Module):
+    """Weights each sample's loss by a power of its log-SNR bin's running loss variance.
+
+    ``out = vaw(loss, lam)`` returns the weighted mean ``sum_i w_i * loss_i / B`` and, in
+    training mode, updates the per-bin statistics and the weight table used for the next
+    call. All state lives in registered buffers, so ``state_dict``, ``.to()`` and DDP
+    broadcasting work as for any module.
+    """
+
+    def __init__(self, num_bins: int = 64, logsnr_range: Tuple[float, float] = (-12.0, 12.0),
+                 decay: float = 0.99, power: float = -1.0, eps: float = 1e-8, min_count: int = 16,
+                 weight_range: Tuple[float, float] = (0.1, 10.0), warmup_steps: int = 0,
+                 ramp_steps: int = 0, sync: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        self.config = VAWConfig(num_bins=num_bins, logsnr_range=logsnr_range, decay=decay, power=power, eps=eps,
+                                min_count=min_count, weight_range=weight_range, warmup_steps=warmup_steps,
+                                ramp_steps=ramp_steps)
+        if backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+        if backend != "auto" and backend not in available_backends():
+            reason = backend_reason(backend, torch.device("cpu"))
+            raise RuntimeError(f"VAW backend {backend!r} cannot run on this machine: {reason}")
+        self.sync = bool(sync)
+        self.backend = backend
+        self._params = self.config.kernel_params()
+        K = self.config.num_bins
+        self.register_buffer("M", torch.zeros(K, dtype=torch.float32))
+        self.register_buffer("Q", torch.zeros(K, dtype=torch.float32))
+        self.register_buffer("Z", torch.zeros(K, dtype=torch.float32))
+        self.register_buffer("C", torch.zeros(K, dtype=torch.float64))
+        self.register_buffer("weight", torch.ones(K, dtype=torch.float32))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int64))
+        self.last_weights: Optional[torch.Tensor] = None
+
+    # -- the step ---------------------------------------------------------------------------
+    def forward(self, loss: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        self._check_inputs(loss, lam)
+        state = [getattr(self, name) for name in STATE_NAMES]
+        out, w = vaw(loss, lam, state, self._params, training=self.training, sync=self.sync,
+                     backend=self.backend)
+        self.last_weights = w
+        return out
+
+    def _check_inputs(self, loss: torch.Tensor, lam: torch.Tensor) -> None:
+        if not isinstance(loss, torch.Tensor) or not isinstance(lam, torch.Tensor):
+            raise TypeError(f"loss and lam must be tensors, got {type(loss).__name__} and {type(lam).__name__}")
+        if loss.dim() != 1 or lam.dim() != 1 or loss.shape != lam.shape or loss.numel() == 0:
+            raise ValueError("loss and lam must be 1-D of the same length B >= 1, got shapes "
+                             f"loss {tuple(loss.shape)} and lam {tuple(lam.shape)}")
+        for name, t in (("loss", loss), ("lam", lam)):
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if loss.device != lam.device or loss.device != self.M.device:
+            raise RuntimeError(f"loss, lam and the VAW state must be on one device, got loss on {loss.device}, "
+                               f"lam on {lam.device} and the state on {self.M.device}")
+
+    # -- introspection ----------------------------------------------------------------------
+    @staticmethod
+    def available_backends() -> List[str]:
+        return available_backends()
+
+    def resolved_backend(self, device: Optional[torch.device] = None) -> str:
+        """Name of the backend a call on ``device`` (default: the state's device) would run."""
+        return resolve_backend(self.backend, device or self.M.device).name
+
+    @torch.no_grad()
+    def stats(self) -> Dict[str, torch.Tensor]:
+        """Bin edges and per-bin mean, variance, count and weight, as CPU tensors."""
+        lmin, lmax = self.config.logsnr_range
+        z = self.Z.double().cpu()
+        has = z > 0
+        safe = torch.where(has, z, torch.ones_like(z))
+        mean = torch.where(has, self.M.double().cpu() / safe, torch.zeros_like(z))
+        var = torch.where(has, (self.Q.double().cpu() / safe - mean * mean).clamp_min(0), torch.zeros_like(z))
+        return {
+            "bin_edges": torch.linspace(lmin, lmax, self.config.num_bins + 1, dtype=torch.float64),
+            "mean": mean, "var": var, "count": self.C.detach().cpu().clone(),
+            "weight": self.weight.detach().cpu().clone(), "step": self.step.detach().cpu().clone(),
+            "nonfinite": self.nonfinite.detach().cpu().clone(),
+        }
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"num_bins={c.num_bins}, logsnr_range={c.logsnr_range}, decay={c.decay}, power={c.power}, "
+                f"min_count={c.min_count}, weight_range={c.weight_range}, backend={self.backend!r}")
+
+    # -- checkpointing ----------------------------------------------------------------------
+    def get_extra_state(self) -> Dict[str, Any]:
+        return {"format_version": STATE_FORMAT_VERSION, "config": self.config.to_dict()}
+
+    def set_extra_state(self, state: Dict[str, Any]) -> None:
+        pass  # validated (before any buffer changes) in _load_from_state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        self._validate_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _validate_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        K = self.config.num_bins
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            version = extra.get("format_version") if isinstance(extra, dict) else None
+            if version != STATE_FORMAT_VERSION:
+                raise RuntimeError(f"VAW state has format version {version!r}; this build reads "
+                                   f"version {STATE_FORMAT_VERSION}")
+            saved = extra.get("config", {})
+            if saved.get("num_bins", K) != K:
+                raise RuntimeError(f"VAW state has num_bins={saved['num_bins']}, this module has num_bins={K}")
+            saved_range = tuple(float(v) for v in saved.get("logsnr_range", self.config.logsnr_range))
+            if saved_range != self.config.logsnr_range:
+                raise RuntimeError(f"VAW state has logsnr_range={saved_range}, this module has "
+                                   f"logsnr_range={self.config.logsnr_range}")
+        for name in STATE_NAMES:
+            value = state_dict.get(prefix + name)
+            if value is None:
+                continue
+            expected = getattr(self, name).shape
+            if tuple(value.shape) != tuple(expected):
+                if name in STATISTIC_BUFFERS and value.dim() == 1:
+                    raise RuntimeError(f"VAW state has num_bins={value.shape[0]} (buffer {name!r}), "
+                                       f"this module has num_bins={K}")
+                raise RuntimeError(f"VAW state buffer {name!r} has shape {tuple(value.shape)}, "
+                                   f"expected {tuple(expected)}")
+            if name in STATISTIC_BUFFERS and not bool(torch.isfinite(value).all()):
+                raise RuntimeError(f"VAW state buffer {name!r} holds NaN or inf; refusing to load it")
+
+

@@ -1,0 +1,83 @@
+"""The VAW step as a ``torch.library`` custom op with autograd and a fake implementation.
+
+``torch.ops.varweight.vaw_step`` runs one training step on the chosen backend: it returns the
+weighted mean and the per-sample weights, and updates the state tensors in place. It is one
+opaque op to ``torch.compile``, so ``torch.compile(fullgraph=True)`` traces through a call of
+the module without a graph break. Backward is ``grad * w / B`` for ``loss``; ``lam`` and the
+state get no gradient.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .backends import resolve_backend
+
+STATE_NAMES = ("M", "Q", "Z", "C", "weight", "step", "nonfinite")
+
+
+def distributed_world() -> int:
+    """World size when torch.distributed is initialised, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def sync_moments(moments: torch.Tensor) -> None:
+    """Sum the packed (n, s, q, nonfinite) buffer over all ranks with one all_reduce."""
+    if moments.device.type == "cpu" or dist.get_backend() != "gloo":
+        dist.all_reduce(moments)
+        return
+    # gloo cannot reduce CUDA tensors: round-trip through the host.
+    host = moments.cpu()
+    dist.all_reduce(host)
+    moments.copy_(host)
+
+
+@torch.library.custom_op(
+    "varweight::vaw_step",
+    mutates_args=("M", "Q", "Z", "C", "weight", "step_count", "nonfinite"),
+)
+def vaw_step(loss: torch.Tensor, lam: torch.Tensor, M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor,
+             C: torch.Tensor, weight: torch.Tensor, step_count: torch.Tensor, nonfinite: torch.Tensor,
+             params: List[float], training: bool, sync: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    impl = resolve_backend(backend, loss.device)
+    state = (M, Q, Z, C, weight, step_count, nonfinite)
+    if training and sync and distributed_world() > 1:
+        out, w, moments = impl.forward_moments(loss, lam, weight, params[0], params[1], True)
+        sync_moments(moments)
+        impl.update(moments, *state, params)
+        return out, w
+    return impl.step(loss, lam, *state, params, training)
+
+
+@vaw_step.register_fake
+def _vaw_step_fake(loss, lam, M, Q, Z, C, weight, step_count, nonfinite, params, training, sync, backend):
+    return loss.new_empty(()), torch.empty(loss.shape, dtype=torch.float32, device=loss.device)
+
+
+class VAWFunction(torch.autograd.Function):
+    """Autograd wrapper of the step: forward runs the custom op, backward is ``grad * w / B``."""
+
+    @staticmethod
+    def forward(ctx, loss, lam, M, Q, Z, C, weight, step_count, nonfinite, params, training, sync, backend):
+        out, w = torch.ops.varweight.vaw_step(loss.detach(), lam, M, Q, Z, C, weight, step_count, nonfinite,
+                                              params, training, sync, backend)
+        ctx.save_for_backward(w)
+        ctx.loss_dtype = loss.dtype
+        ctx.mark_non_differentiable(w)
+        return out, w
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_w):
+        (w,) = ctx.saved_tensors
+        grad_loss = (grad_out.to(torch.float32) * w / w.numel()).to(ctx.loss_dtype)
+        return (grad_loss,) + (None,) * 12
+
+
+def vaw(loss: torch.Tensor, lam: torch.Tensor, state: Sequence[torch.Tensor], params: Sequence[float],
+        training: bool = True, sync: bool = True, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Functional form: ``state`` holds (M, Q, Z, C, weight, step, nonfinite); returns (out, w)."""
+    return VAWFunction.apply(loss, lam, *state, list(params), training, sync, backend)
