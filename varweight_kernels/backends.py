@@ -74,18 +74,21 @@ def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     _INSTANCES.pop(name, None)
 
 
-def _load_optional_backends() -> None:
-    # Imported lazily so that ``import varweight_kernels`` stays cheap and never fails.
-    if "cpp" not in _FACTORIES:
+def _load_backend_module(name: str) -> None:
+    # Imported lazily, and only the one asked for, so that ``import varweight_kernels`` stays
+    # cheap and the reference never pays for loading (or JIT-building) an extension.
+    if name in _FACTORIES:
+        return
+    if name in ("cpp", "cuda"):
         from . import cpp_backend  # noqa: F401  (registers "cpp" and "cuda")
-    if "triton" not in _FACTORIES:
+    elif name == "triton":
         from . import triton_vaw  # noqa: F401  (registers "triton")
 
 
 def get_backend(name: str) -> Backend:
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; choose one of 'auto', {', '.join(map(repr, BACKEND_NAMES))}")
-    _load_optional_backends()
+    _load_backend_module(name)
     if name not in _INSTANCES:
         _INSTANCES[name] = _FACTORIES[name]()
     return _INSTANCES[name]
@@ -96,10 +99,19 @@ def backend_reason(name: str, device: torch.device) -> Optional[str]:
     return get_backend(name).device_reason(torch.device(device))
 
 
+def _local_devices() -> List[torch.device]:
+    return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def machine_reason(name: str) -> Optional[str]:
+    """None when backend ``name`` runs on some device of this machine; otherwise why it cannot."""
+    reasons = [backend_reason(name, device) for device in _local_devices()]
+    return None if any(r is None for r in reasons) else reasons[-1]
+
+
 def available_backends() -> List[str]:
     """Backends that can run on some device of this machine, in the spec's order."""
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    return [name for name in BACKEND_NAMES if any(backend_reason(name, d) is None for d in devices)]
+    return [name for name in BACKEND_NAMES if machine_reason(name) is None]
 
 
 def resolve_backend(name: str, device: torch.device) -> Backend:

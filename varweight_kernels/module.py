@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .backends import BACKEND_NAMES, available_backends, backend_reason, resolve_backend
+from .backends import BACKEND_NAMES, available_backends, machine_reason, resolve_backend
 from .config import VAWConfig
 from .ops import STATE_NAMES, vaw
 
@@ -33,9 +33,10 @@ class VarianceAwareWeighting(nn.Module):
                                 ramp_steps=ramp_steps)
         if backend != "auto" and backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
-        if backend != "auto" and backend not in available_backends():
-            reason = backend_reason(backend, torch.device("cpu"))
-            raise RuntimeError(f"VAW backend {backend!r} cannot run on this machine: {reason}")
+        if backend != "auto":
+            reason = machine_reason(backend)
+            if reason is not None:
+                raise RuntimeError(f"VAW backend {backend!r} cannot run on this machine: {reason}")
         self.sync = bool(sync)
         self.backend = backend
         self._params = self.config.kernel_params()

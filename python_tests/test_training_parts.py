@@ -1,0 +1,341 @@
+"""Tests of the diffusion-training parts: weightings, U-Net, formulations, samplers, data, RNG."""
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from varweight_kernels.training.data import (BatchIterator, DatasetUnavailable, from_model_range, load_dataset,
+                                             to_model_range)
+from varweight_kernels.training.formulations import LossTerms, make_formulation
+from varweight_kernels.training.rng import STREAMS, derive_seed, get_rng_states, make_generators, set_rng_states
+from varweight_kernels.training.samplers import ddim, ddpm_ancestral, heun_karras, karras_sigmas, sample_images
+from varweight_kernels.training.unet import UNet
+from varweight_kernels.training.weightings import make_weighting
+
+D = torch.float64
+
+
+def terms(loss, mse=None, snr=None):
+    loss = torch.tensor(loss, dtype=D)
+    mse = loss.clone() if mse is None else torch.tensor(mse, dtype=D)
+    snr = torch.ones_like(loss) if snr is None else torch.tensor(snr, dtype=D)
+    return LossTerms(loss, mse, snr)
+
+
+def tiny_unet(embedding="fourier", in_channels=1):
+    return UNet(in_channels, 8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                attn_resolutions=(4,), embedding=embedding)
+
+
+# ---------------------------------------------------------------------------- weightings
+SNR = [0.5, 5.0, 20.0]
+MSE = [1.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("target,expected", [
+    ("eps", 4.0 / 3.0),     # w = min(snr,5)/snr = [1, 1, 1/4]; (1 + 2 + 1)/3   (max would give 16/3)
+    ("x0", 30.5 / 3.0),     # w = min(snr,5) = [0.5, 5, 5]; (0.5 + 10 + 20)/3  (max would give (10 + 10 + 80)/3)
+    ("v", 62.0 / 63.0),     # w = min(snr,5)/(snr+1) = [1/3, 5/6, 5/21]; (1/3 + 5/3 + 20/21)/3
+])
+def test_min_snr_hand_values(target, expected):
+    w = make_weighting("min-snr", target=target)
+    out = w(terms([9.0, 9.0, 9.0], MSE, SNR), torch.zeros(3, dtype=D))  # applies to mse, not loss
+    assert out.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_min_snr_clamps_with_min_not_max():
+    w = make_weighting("min-snr", target="eps", gamma=5.0)
+    w(terms([1.0, 1.0], [1.0, 1.0], [0.1, 100.0]), torch.zeros(2, dtype=D))
+    # min: low SNR keeps weight 1, high SNR is cut to 5/100; max would give 50 and 1.
+    assert w.last_weights.tolist() == pytest.approx([1.0, 0.05])
+
+
+def test_p2_hand_values():
+    t = terms([9.0, 9.0, 9.0], MSE, SNR)
+    # eps: w = 1/(1+snr) = [2/3, 1/6, 1/21]; (2/3 + 1/3 + 4/21)/3 = 25/63
+    assert make_weighting("p2", target="eps")(t, torch.zeros(3)).item() == pytest.approx(25 / 63, rel=1e-12)
+    # x0: eps-MSE = snr * x0-MSE, so w = snr/(1+snr) = [1/3, 5/6, 20/21]; (1/3 + 5/3 + 80/21)/3 = 122/63
+    assert make_weighting("p2", target="x0")(t, torch.zeros(3)).item() == pytest.approx(122 / 63, rel=1e-12)
+    # gamma = 0.5: w = (1+snr)^-0.5
+    exp = sum(m / math.sqrt(1 + s) for m, s in zip(MSE, SNR)) / 3
+    assert make_weighting("p2", target="eps", gamma=0.5)(t, torch.zeros(3)).item() == pytest.approx(exp)
+
+
+def test_seed_cauchy_hand_values():
+    w = make_weighting("seed-cauchy")  # alpha = 0.05
+    out = w(terms([1.0, 2.0, 3.0]), torch.tensor([-2.0, 0.0, 2.0], dtype=D))
+    # lam - mean = [-2, 0, 2]; w = [1/1.2, 1, 1/1.2]; (1/1.2 + 2 + 3/1.2)/3 = 16/9
+    assert out.item() == pytest.approx(16 / 9, rel=1e-6)
+    assert w.last_weights.tolist() == pytest.approx([1 / 1.2, 1.0, 1 / 1.2], rel=1e-6)
+
+
+def test_seed_standardized_hand_values_and_detached_weight():
+    w = make_weighting("seed-standardized", alpha=0.5)
+    loss = torch.tensor([1.0, 2.0, 3.0], dtype=D, requires_grad=True)
+    out = w(LossTerms(loss, loss, torch.ones(3, dtype=D)), torch.zeros(3, dtype=D))
+    std = math.sqrt(2 / 3)  # population std of [1, 2, 3]
+    # sum w*l = 6 + (0.5/std) * sum((l - 2) * l) = 6 + 1/std
+    assert out.item() == pytest.approx((6 + 1 / std) / 3, rel=1e-12)
+    out.backward()
+    expected_w = [1 - 0.5 / std, 1.0, 1 + 0.5 / std]
+    assert loss.grad.tolist() == pytest.approx([x / 3 for x in expected_w], rel=1e-12)  # weight is detached
+
+
+def test_seed_standardized_guards():
+    w = make_weighting("seed-standardized", alpha=0.5)
+    assert w(terms([5.0]), torch.zeros(1)).item() == 5.0                      # B = 1
+    assert w(terms([2.0, 2.0, 2.0]), torch.zeros(3)).item() == 2.0            # std = 0
+    assert w.last_weights.tolist() == [1.0, 1.0, 1.0]
+    big = make_weighting("seed-standardized", alpha=10.0)                      # clamped at 0
+    big(terms([0.0, 0.0, 0.0, 100.0]), torch.zeros(4))
+    assert float(big.last_weights.min()) == 0.0
+
+
+def test_uniform_and_vaw():
+    t = terms([1.0, 2.0, 6.0])
+    assert make_weighting("uniform")(t, torch.zeros(3)).item() == pytest.approx(3.0)
+    v = make_weighting("vaw", num_bins=4, logsnr_range=(-4.0, 4.0), min_count=1, backend="reference")
+    t32 = LossTerms(t.loss.float(), t.mse.float(), t.snr.float())
+    assert v(t32, torch.tensor([-3.0, 0.5, 3.0])).item() == pytest.approx(3.0)  # first table is all ones
+    assert int(v.vaw.step) == 1 and v.last_weights.shape == (3,)
+    assert "vaw.M" in v.state_dict()
+    v2 = make_weighting("vaw", {"vaw": {"num_bins": 8, "backend": "reference"}})
+    assert v2.vaw.config.num_bins == 8
+
+
+def test_make_weighting_from_cfg_mapping():
+    w = make_weighting("min-snr", {"gamma": 2.0, "alpha": 0.3, "target": "x0"})
+    assert w.gamma == 2.0 and w.target == "x0"
+    with pytest.raises(ValueError):
+        make_weighting("nope")
+
+
+def test_edm2_learns_log_loss_and_keeps_global_rng():
+    torch.manual_seed(123)
+    ref = torch.rand(4)
+    torch.manual_seed(123)
+    w = make_weighting("edm2", seed=7)
+    assert torch.equal(torch.rand(4), ref)  # construction did not touch the global RNG
+    lam = torch.tensor([-4.0] * 8 + [4.0] * 8)
+    loss = torch.tensor([0.1] * 8 + [3.0] * 8)
+    opt = torch.optim.Adam(w.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        w(LossTerms(loss, loss, torch.ones(16)), lam).backward()
+        opt.step()
+    u = w.logvar(torch.tensor([-4.0, 4.0]))
+    assert u.tolist() == pytest.approx([math.log(0.1), math.log(3.0)], abs=0.1)
+    assert w.last_weights.shape == (16,)
+
+
+# ---------------------------------------------------------------------------- U-Net
+@pytest.mark.parametrize("embedding", ["fourier", "positional"])
+def test_unet_tiny_shape_determinism_zero_init(embedding):
+    torch.manual_seed(0)
+    a = tiny_unet(embedding)
+    torch.manual_seed(0)
+    b = tiny_unet(embedding)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    x = torch.randn(3, 1, 8, 8)
+    c = torch.tensor([0.1, -0.5, 3.0]) if embedding == "fourier" else torch.tensor([0.0, 10.0, 999.0])
+    out = a(x, c)
+    assert out.shape == x.shape and torch.all(out == 0)  # zero-init output conv
+    with torch.no_grad():
+        a.conv_out.weight.normal_(generator=torch.Generator().manual_seed(0))
+    out = a(x, c)
+    assert torch.isfinite(out).all() and torch.equal(out, a(x, c)) and out.abs().sum() > 0
+
+
+def test_unet_validates_and_supports_three_channels():
+    with pytest.raises(ValueError):
+        UNet(3, 10, base_channels=16, channel_mults=(1, 2, 2))
+    m = UNet(3, 16, base_channels=16, channel_mults=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
+    assert m(torch.randn(2, 3, 16, 16), torch.zeros(2)).shape == (2, 3, 16, 16)
+
+
+# ---------------------------------------------------------------------------- formulations
+def test_edm_formulation():
+    f = make_formulation("edm")
+    assert f.target == "x0"
+    sig = torch.tensor([0.5, 1.0, 0.002, 80.0])
+    lam = f.logsnr(sig)
+    assert lam.dtype == torch.float32
+    assert lam.tolist() == pytest.approx([0.0, math.log(0.25), math.log(0.25 / 0.002 ** 2), math.log(0.25 / 6400)],
+                                         rel=1e-6)
+    assert f.level_from_logsnr(lam).tolist() == pytest.approx(sig.tolist(), rel=1e-5)
+    assert f.logsnr_bounds() == pytest.approx((math.log(0.25 / 6400), math.log(0.25 / 0.002 ** 2)))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    s = f.sample_levels(4096, g1, "cpu")
+    assert torch.equal(s, f.sample_levels(4096, g2, "cpu"))
+    assert s.min() >= 0.002 and s.max() <= 80
+    assert s.log().mean().item() == pytest.approx(-1.2, abs=0.06) and s.log().std().item() == pytest.approx(1.2, abs=0.06)
+    xs = np.linspace(*f.logsnr_bounds(), 20001)
+    assert np.trapezoid(f.logsnr_density(torch.tensor(xs)).numpy(), xs) == pytest.approx(1.0, abs=1e-3)
+    torch.manual_seed(0)
+    m = tiny_unet("fourier")
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    noise = torch.randn(4, 1, 8, 8)
+    t = f.loss(m, x0, sig, noise)
+    assert all(v.shape == (4,) and torch.isfinite(v).all() for v in t)
+    wt = (sig ** 2 + 0.25) / (sig * 0.5) ** 2
+    assert torch.allclose(t.loss, wt * t.mse, rtol=1e-5)
+    assert torch.allclose(t.snr, lam.exp(), rtol=1e-5)
+    # zero-init network: D = c_skip * x_noisy
+    c_skip = (0.25 / (sig ** 2 + 0.25)).reshape(-1, 1, 1, 1)
+    expect = ((c_skip * (x0 + sig.reshape(-1, 1, 1, 1) * noise) - x0) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(t.mse, expect, rtol=1e-5, atol=1e-7)
+
+
+def test_ddpm_formulation():
+    f = make_formulation("ddpm")
+    assert f.target == "eps" and f.num_timesteps == 1000
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    t = torch.tensor([0, 1, 500, 999])
+    assert f.logsnr(t).tolist() == pytest.approx(np.log(abar / (1 - abar))[[0, 1, 500, 999]].tolist(), rel=1e-5)
+    assert f.logsnr(torch.tensor([0.0]))[0].item() == pytest.approx(math.log((1 - 1e-4) / 1e-4), rel=1e-6)
+    all_t = torch.arange(1000)
+    assert torch.equal(f.level_from_logsnr(f.logsnr(all_t)), all_t)
+    assert f.level_probs().sum().item() == pytest.approx(1.0)
+    xs = np.linspace(*f.logsnr_bounds(), 200001)
+    assert np.trapezoid(f.logsnr_density(torch.tensor(xs)).numpy(), xs) == pytest.approx(1.0, abs=1e-3)
+    lv = f.sample_levels(64, torch.Generator().manual_seed(0), "cpu")
+    assert lv.dtype == torch.int64 and lv.min() >= 0 and lv.max() < 1000
+    torch.manual_seed(0)
+    m = tiny_unet("positional")
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    noise = torch.randn(4, 1, 8, 8)
+    terms_ = f.loss(m, x0, t, noise)
+    assert all(v.shape == (4,) and torch.isfinite(v).all() for v in terms_)
+    # zero-init network predicts eps = 0, so the eps MSE is mean(noise^2)
+    assert torch.allclose(terms_.loss, (noise ** 2).mean(dim=(1, 2, 3)), rtol=1e-6)
+    assert torch.equal(terms_.loss, terms_.mse)
+
+
+# ---------------------------------------------------------------------------- samplers
+def test_heun_karras_reproduces_gaussian_std():
+    s = 0.5
+    den = lambda x, sig: x * s ** 2 / (s ** 2 + sig.reshape(-1, 1, 1, 1) ** 2)  # noqa: E731
+    x = heun_karras(den, (2000, 1, 10, 10), torch.Generator().manual_seed(0), steps=50)
+    assert x.std().item() == pytest.approx(s, rel=0.01)
+    again = heun_karras(den, (2000, 1, 10, 10), torch.Generator().manual_seed(0), steps=50)
+    assert torch.equal(x, again)
+    sig = karras_sigmas(5)
+    assert sig[0].item() == pytest.approx(80) and sig[4].item() == pytest.approx(0.002) and sig[5] == 0
+
+
+def test_ddpm_samplers_gaussian_and_tiny_model():
+    f = make_formulation("ddpm")
+    s = 0.5
+    acp = f.alphas_cumprod.float()
+
+    def den(x, t):
+        a = acp[t].reshape(-1, 1, 1, 1)
+        return x * a.sqrt() * s ** 2 / (a * s ** 2 + 1 - a)  # exact x0 posterior mean
+
+    x = ddpm_ancestral(den, (500, 1, 4, 4), torch.Generator().manual_seed(0), f.alphas_cumprod, clip_denoised=False)
+    assert x.std().item() == pytest.approx(s, rel=0.03)
+    x = ddim(den, (500, 1, 4, 4), torch.Generator().manual_seed(0), f.alphas_cumprod, steps=250, clip_denoised=False)
+    assert x.std().item() == pytest.approx(s, rel=0.03)
+    torch.manual_seed(0)
+    m = tiny_unet("positional")
+    for sampler in ("ddim", "ancestral"):
+        a = sample_images(f, m, 3, (1, 8, 8), torch.Generator().manual_seed(1), steps=5, sampler=sampler)
+        b = sample_images(f, m, 3, (1, 8, 8), torch.Generator().manual_seed(1), steps=5, sampler=sampler,
+                          batch_size=3)
+        assert a.shape == (3, 1, 8, 8) and torch.equal(a, b) and a.abs().max() <= 1
+    assert m.training
+
+
+def test_sample_images_edm():
+    torch.manual_seed(0)
+    m = tiny_unet("fourier")
+    f = make_formulation("edm")
+    x = sample_images(f, m, 5, (1, 8, 8), torch.Generator().manual_seed(2), steps=4, batch_size=2)
+    assert x.shape == (5, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
+
+
+# ---------------------------------------------------------------------------- data
+def test_digits_loader_and_ranges():
+    x, k = load_dataset("digits")
+    assert k == 10 and x.dtype == torch.uint8 and x.shape == (1797, 1, 8, 8)
+    assert x.min() == 0 and x.max() == 255
+    y = to_model_range(x)
+    assert y.dtype == torch.float32 and y.min() == -1 and y.max() == 1
+    assert torch.equal(from_model_range(y), x)
+
+
+def test_missing_cifar_error_names_options(tmp_path):
+    with pytest.raises(DatasetUnavailable) as err:
+        load_dataset("cifar10", root=str(tmp_path), download=False)
+    msg = str(err.value)
+    assert "--data-root" in msg and "--download" in msg and "--dataset digits" in msg
+    assert isinstance(err.value, RuntimeError)
+
+
+def test_cifar_extracted_folder_is_parsed(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+        data = np.full((2, 3072), i, dtype=np.uint8)
+        data[:, 1024:2048] = 100 + i  # green plane
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"data": data, b"labels": [0, 1]}, fh)
+    x, k = load_dataset("cifar10", root=str(tmp_path))
+    assert k == 10 and x.shape == (10, 3, 32, 32) and x.dtype == torch.uint8
+    assert x[0, 0].max() == 0 and x[0, 1].min() == 100 and x[9, 1, 5, 5] == 104
+    xt, _ = load_dataset("cifar10", root=str(tmp_path), split="test")
+    assert xt.shape == (2, 3, 32, 32) and xt[0, 0, 0, 0] == 5
+
+
+def test_batch_iterator_deterministic_and_resumable():
+    data = torch.arange(10 * 2 * 3, dtype=torch.uint8).reshape(10, 1, 2, 3)
+
+    def run(n, resume_at=None):
+        it = BatchIterator(data, 3, torch.Generator().manual_seed(5), hflip=True)
+        out = []
+        for i in range(n):
+            if resume_at is not None and i == resume_at:
+                state = it.state_dict()
+                it = BatchIterator(data, 3, torch.Generator().manual_seed(999), hflip=True)
+                it.load_state_dict(state)
+            out.append(next(it))
+        return out, it
+
+    ref, it = run(8)
+    assert it.batches_per_epoch == 3 and it.epoch == 2 and it.index == 2
+    res, _ = run(8, resume_at=4)
+    assert all(torch.equal(a, b) for a, b in zip(ref, res))
+    first_epoch = torch.cat(ref[:3])
+    assert len({int(img.sum()) for img in first_epoch}) == 9  # no repeats within an epoch
+    flipped = 0
+    for img in torch.cat(ref):
+        k = int(img.min()) // 6  # source image (values 6k..6k+5)
+        assert torch.equal(img, data[k]) or torch.equal(img, data[k].flip(-1))
+        flipped += int(not torch.equal(img, data[k]))
+    assert 0 < flipped < 24
+
+
+# ---------------------------------------------------------------------------- rng
+def test_rng_streams():
+    assert derive_seed(0, "init") == 3907432356807734457  # stable across processes and versions
+    assert derive_seed(42, "noise", 1) == 4771989624550308665
+    assert len({derive_seed(0, s) for s in STREAMS}) == len(STREAMS)
+    assert derive_seed(0, "data", 0) != derive_seed(0, "data", 1)
+    g1, g2 = make_generators(0, 0), make_generators(0, 0)
+    draws = {s: torch.rand(4, generator=g1[s]) for s in STREAMS}
+    assert all(torch.equal(draws[s], torch.rand(4, generator=g2[s])) for s in STREAMS)
+    assert len({tuple(v.tolist()) for v in draws.values()}) == len(STREAMS)
+    # drawing from one stream does not move another
+    g3 = make_generators(0, 0)
+    torch.rand(100, generator=g3["weighting"])
+    assert torch.equal(torch.rand(4, generator=g3["noise"]), draws["noise"])
+    states = get_rng_states(g1)
+    nxt = torch.rand(3, generator=g1["data"])
+    set_rng_states(g1, states)
+    assert torch.equal(torch.rand(3, generator=g1["data"]), nxt)
+    assert all(v.dtype == torch.uint8 for v in states.values())

@@ -1,0 +1,214 @@
+"""Datasets for the diffusion trainer and a deterministic, resumable batch iterator.
+
+``load_dataset(name, root="./data", download=False, split="train") -> (uint8 NCHW tensor,
+num_classes)`` for:
+
+- "cifar10" / "cifar100": the official python-version archives (cifar-10-python.tar.gz,
+  cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/), extracted under ``root``
+  (the same layout torchvision uses: ``root/cifar-10-batches-py``, ``root/cifar-100-python``).
+  ``download=True`` fetches the archive and checks its MD5 first. The batches are pickles
+  (the official format) read with ``encoding="bytes"``.
+- "digits": scikit-learn's bundled 8x8 digits (1797 images, 1 channel), 0..16 scaled to 0..255.
+
+A missing dataset without ``download`` raises ``DatasetUnavailable``, naming the options.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import tarfile
+import urllib.request
+from typing import Dict, Optional, Tuple
+
+import torch
+
+__all__ = ["DatasetUnavailable", "DATASETS", "load_dataset", "to_model_range", "from_model_range",
+           "BatchIterator"]
+
+
+class DatasetUnavailable(RuntimeError):
+    """The dataset files are not under the data root and downloading was not requested (or failed)."""
+
+
+_CIFAR = {
+    "cifar10": {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "archive": "cifar-10-python.tar.gz",
+        "md5": "c58f30108f718f92721af3b95e74349a",
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "label_key": b"labels",
+        "num_classes": 10,
+    },
+    "cifar100": {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "archive": "cifar-100-python.tar.gz",
+        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "label_key": b"fine_labels",
+        "num_classes": 100,
+    },
+}
+DATASETS = ("cifar10", "cifar100", "digits")
+
+
+def _md5(path: str) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _unavailable(name: str, root: str, detail: str) -> DatasetUnavailable:
+    return DatasetUnavailable(
+        f"{name} is not available under {os.path.abspath(root)!r} ({detail}). Put the official archive "
+        f"{_CIFAR[name]['archive']} (or its extracted folder {_CIFAR[name]['folder']}/) there and point "
+        f"--data-root at it, pass --download to fetch it from {_CIFAR[name]['url']}, or run offline with "
+        f"--dataset digits (bundled with scikit-learn).")
+
+
+def _ensure_cifar(name: str, root: str, download: bool) -> str:
+    info = _CIFAR[name]
+    folder = os.path.join(root, info["folder"])
+    needed = info["train"] + info["test"]
+    if all(os.path.isfile(os.path.join(folder, f)) for f in needed):
+        return folder
+    archive = os.path.join(root, info["archive"])
+    if not os.path.isfile(archive):
+        if not download:
+            raise _unavailable(name, root, "no extracted folder and no archive")
+        os.makedirs(root, exist_ok=True)
+        tmp = archive + ".part"
+        try:
+            urllib.request.urlretrieve(info["url"], tmp)
+        except Exception as exc:  # network errors of every kind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise _unavailable(name, root, f"download failed: {exc}") from exc
+        os.replace(tmp, archive)
+    digest = _md5(archive)
+    if digest != info["md5"]:
+        raise DatasetUnavailable(f"{archive} has MD5 {digest}, expected {info['md5']}; delete it and retry "
+                                 f"with --download, or point --data-root at a good copy")
+    with tarfile.open(archive, "r:gz") as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(root, filter="data")
+        else:  # pragma: no cover - old Pythons
+            for member in tar.getmembers():
+                if member.name.startswith(("/", "..")) or ".." in member.name.split("/"):
+                    raise DatasetUnavailable(f"unsafe path {member.name!r} in {archive}")
+            tar.extractall(root)
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in needed):
+        raise _unavailable(name, root, f"{archive} did not contain the expected files")
+    return folder
+
+
+def _load_cifar(name: str, root: str, download: bool, split: str) -> Tuple[torch.Tensor, int]:
+    info = _CIFAR[name]
+    folder = _ensure_cifar(name, root, download)
+    arrays = []
+    for fname in info[split]:
+        with open(os.path.join(folder, fname), "rb") as f:
+            entry: Dict[bytes, object] = pickle.load(f, encoding="bytes")  # official CIFAR format
+        data = entry[b"data"]
+        arrays.append(torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32))
+    return torch.cat(arrays).contiguous(), info["num_classes"]
+
+
+def _load_digits() -> Tuple[torch.Tensor, int]:
+    from sklearn.datasets import load_digits
+
+    images = torch.as_tensor(load_digits().images, dtype=torch.float64)  # (1797, 8, 8) in 0..16
+    return (images * (255.0 / 16.0)).round().clamp(0, 255).to(torch.uint8).unsqueeze(1).contiguous(), 10
+
+
+def load_dataset(name: str, root: str = "./data", download: bool = False,
+                 split: str = "train") -> Tuple[torch.Tensor, int]:
+    """``(images, num_classes)``: ``images`` uint8 (N, C, H, W). ``split`` is "train" or "test"
+    for CIFAR (digits has one split and ignores it)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name == "digits":
+        return _load_digits()
+    return _load_cifar(name, root, download, split)
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0..255 -> float32 in [-1, 1]."""
+    return images.float() * (2.0 / 255.0) - 1.0
+
+
+def from_model_range(x: torch.Tensor) -> torch.Tensor:
+    """float in [-1, 1] (clamped) -> uint8 0..255."""
+    return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+class BatchIterator:
+    """Endless iterator over shuffled batches of ``data`` (any tensor, first dim N).
+
+    Each epoch draws ``randperm(N)`` from ``generator`` and yields ``N // batch_size`` full
+    batches (the remainder is dropped). With ``hflip=True`` each batch then draws a per-sample
+    flip mask ``rand(B) < 0.5`` from the same generator and mirrors those images along the
+    width. Batches are returned on ``data``'s device, unconverted (``to_model_range`` next).
+
+    ``state_dict()`` holds the position (``epoch``, ``index`` = batches already yielded this
+    epoch), the current permutation and the generator's state; ``load_state_dict`` restores all
+    of them (including the generator), so a resumed run yields exactly the batches an
+    uninterrupted run would.
+    """
+
+    def __init__(self, data: torch.Tensor, batch_size: int, generator: torch.Generator,
+                 hflip: bool = False) -> None:
+        n = int(data.shape[0])
+        if batch_size < 1 or batch_size > n:
+            raise ValueError(f"batch_size must be in [1, {n}] for a dataset of {n} items, got {batch_size}")
+        self.data, self.batch_size, self.generator, self.hflip = data, int(batch_size), generator, bool(hflip)
+        self.batches_per_epoch = n // self.batch_size
+        self.epoch = 0
+        self.index = 0
+        self.perm: Optional[torch.Tensor] = None
+
+    def _new_perm(self) -> None:
+        gdev = self.generator.device if self.generator is not None else torch.device("cpu")
+        self.perm = torch.randperm(self.data.shape[0], generator=self.generator, device=gdev).cpu()
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.perm is None:
+            self._new_perm()
+        elif self.index >= self.batches_per_epoch:
+            self.epoch += 1
+            self.index = 0
+            self._new_perm()
+        idx = self.perm[self.index * self.batch_size:(self.index + 1) * self.batch_size]
+        self.index += 1
+        batch = self.data[idx.to(self.data.device)]
+        if self.hflip:
+            gdev = self.generator.device if self.generator is not None else torch.device("cpu")
+            flip = (torch.rand(batch.shape[0], generator=self.generator, device=gdev) < 0.5).to(batch.device)
+            batch = torch.where(flip.reshape(-1, *([1] * (batch.dim() - 1))), batch.flip(-1), batch)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index,
+                "perm": self.perm.clone() if self.perm is not None else torch.empty(0, dtype=torch.long),
+                "rng_state": self.generator.get_state().clone(), "batch_size": self.batch_size,
+                "num_items": int(self.data.shape[0])}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["num_items"]) != int(self.data.shape[0]) or int(state["batch_size"]) != self.batch_size:
+            raise ValueError(f"iterator state is for {state['num_items']} items in batches of {state['batch_size']}, "
+                             f"this iterator has {self.data.shape[0]} items in batches of {self.batch_size}")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        perm = state["perm"]
+        self.perm = perm.clone().long().cpu() if perm.numel() else None
+        self.generator.set_state(state["rng_state"].cpu().to(torch.uint8))

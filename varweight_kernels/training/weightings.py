@@ -1,0 +1,276 @@
+"""Loss weightings: ``make_weighting(name, cfg=None, **kw) -> Weighting`` (an ``nn.Module``).
+
+Every weighting is called the same way, ``weighting(terms, lam) -> scalar`` with ``terms`` a
+``LossTerms(loss, mse, snr)`` of (B,) tensors and ``lam`` the (B,) log-SNR, and returns the
+batch mean of its weighted per-sample loss. ``last_weights`` holds the (B,) detached weights of
+the last call (for edm2: ``exp(-u(lam))``).
+
+| name | per-sample term | weight |
+|---|---|---|
+| uniform | terms.loss | 1 |
+| vaw | terms.loss | ``VarianceAwareWeighting`` (the library core) on (loss, lam) |
+| seed-cauchy | terms.loss | ``1 / (1 + alpha (lam - mean_batch lam)^2)``, alpha = 0.05 |
+| seed-standardized | terms.loss | ``1 + alpha (l - mean_batch l) / std_batch l`` (detached; population std; 1 when B = 1 or std = 0; clamped at ``min_weight`` = 0 by default), alpha = 0.5 |
+| min-snr | terms.mse | eps target ``min(SNR, gamma)/SNR``; x0 ``min(SNR, gamma)``; v ``min(SNR, gamma)/(SNR+1)``; gamma = 5 |
+| p2 | terms.mse | ``1/(k + SNR)^gamma`` on the eps MSE, k = 1, gamma = 1 |
+| edm2 | terms.loss | learned: ``loss / exp(u(lam)) + u(lam)`` |
+
+Notes.
+- min-snr and p2 need the formulation's ``target`` ("eps", "x0" or "v"); pass ``target=``
+  (``make_weighting("min-snr", target=formulation.target)``).
+- p2 for non-eps targets converts the target MSE to an eps MSE before weighting:
+  eps-MSE = SNR * x0-MSE, and eps-MSE = SNR/(SNR+1) * v-MSE. This is exact for a variance-
+  preserving process (SNR = abar/(1-abar)). For EDM, where lam = log(sigma_data^2/sigma^2),
+  the exact relation is eps-MSE = x0-MSE / sigma^2 = SNR * x0-MSE / sigma_data^2: a constant
+  factor, which only rescales the loss (and the effective learning rate), not the relative
+  weighting across noise levels.
+- edm2 (Karras et al. 2024): ``u(lam) = linear(fourier(c))`` with ``c = -lam/8``. For a VP
+  process ``-lam/8 = ln(sigma)/4`` with ``sigma = sqrt((1-abar)/abar)``; for EDM it equals
+  ``ln(sigma)/4 - ln(sigma_data)/4``, i.e. EDM2's ``c_noise`` up to a constant shift. Fourier
+  features are ``sqrt(2) cos(2 pi (f c + phi))``, f ~ N(0,1), phi ~ U(0,1), fixed buffers drawn
+  from the ``generator`` passed in (or a private ``torch.Generator`` seeded with ``seed``),
+  never from the global RNG, so adding edm2 cannot shift the model's init stream. The linear
+  layer (``weight``, ``bias``) starts at zero (u = 0). Its parameters must be given to the optimiser along with the
+  model's (``weighting.parameters()``).
+- vaw passes every other keyword to ``VarianceAwareWeighting`` (num_bins, logsnr_range, decay,
+  power, eps, min_count, weight_range, warmup_steps, ramp_steps, sync, backend); its state is in
+  this module's ``state_dict()`` under ``vaw.``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, is_dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .. import VarianceAwareWeighting
+
+__all__ = ["Weighting", "UniformWeighting", "VAWWeighting", "SeedCauchyWeighting", "SeedStandardizedWeighting",
+           "MinSNRWeighting", "P2Weighting", "EDM2Weighting", "WEIGHTINGS", "make_weighting"]
+
+TARGETS = ("eps", "x0", "v")
+
+
+def _hp(t: torch.Tensor) -> torch.Tensor:
+    """Detached, at least float32 (float64 stays float64) for computing weights."""
+    t = t.detach()
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def _check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    return target
+
+
+class Weighting(nn.Module):
+    """Base class: ``forward(terms, lam) -> scalar``; ``last_weights`` (B,) detached or None."""
+
+    name = "base"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_weights: Optional[torch.Tensor] = None
+
+    def _weighted_mean(self, values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        w = w.detach().to(values.dtype)
+        self.last_weights = w
+        return (w * values).mean()
+
+
+class UniformWeighting(Weighting):
+    name = "uniform"
+
+    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        self.last_weights = torch.ones_like(terms.loss).detach()
+        return terms.loss.mean()
+
+
+class VAWWeighting(Weighting):
+    """``VarianceAwareWeighting`` applied to (terms.loss, lam)."""
+
+    name = "vaw"
+
+    def __init__(self, **vaw_kwargs: Any) -> None:
+        super().__init__()
+        self.vaw = VarianceAwareWeighting(**vaw_kwargs)
+
+    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        out = self.vaw(terms.loss, lam.detach().to(terms.loss.device))
+        self.last_weights = self.vaw.last_weights
+        return out
+
+
+class SeedCauchyWeighting(Weighting):
+    """The paper code's weighting: ``w = 1 / (1 + alpha (lam - mean_batch(lam))^2)``."""
+
+    name = "seed-cauchy"
+
+    def __init__(self, alpha: float = 0.05) -> None:
+        super().__init__()
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        lam = _hp(lam).to(terms.loss.device)
+        w = 1.0 / (1.0 + self.alpha * (lam - lam.mean()) ** 2)
+        return self._weighted_mean(terms.loss, w)
+
+
+class SeedStandardizedWeighting(Weighting):
+    """The paper README's weighting: ``w = 1 + alpha (l - mean_batch l) / std_batch l``
+    (detached; population std). B = 1 or a zero/non-finite std gives w = 1. ``min_weight``
+    (default 0, None disables) clamps w from below so a sample's gradient never flips sign."""
+
+    name = "seed-standardized"
+
+    def __init__(self, alpha: float = 0.5, min_weight: Optional[float] = 0.0) -> None:
+        super().__init__()
+        self.alpha = float(alpha)
+        self.min_weight = None if min_weight is None else float(min_weight)
+
+    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        l = _hp(terms.loss)
+        if l.numel() < 2:
+            w = torch.ones_like(l)
+        else:
+            mu = l.mean()
+            std = l.std(unbiased=False)
+            ok = torch.isfinite(std) & (std > 0)
+            safe = torch.where(ok, std, torch.ones_like(std))
+            w = torch.where(ok, 1.0 + self.alpha * (l - mu) / safe, torch.ones_like(l))
+        if self.min_weight is not None:
+            w = w.clamp_min(self.min_weight)
+        return self._weighted_mean(terms.loss, w)
+
+
+class MinSNRWeighting(Weighting):
+    """Min-SNR-gamma (Hang et al. 2023) on the plain target MSE ``terms.mse``."""
+
+    name = "min-snr"
+
+    def __init__(self, target: str = "eps", gamma: float = 5.0) -> None:
+        super().__init__()
+        self.target = _check_target(target)
+        if not gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {gamma!r}")
+        self.gamma = float(gamma)
+
+    def weights(self, snr: torch.Tensor) -> torch.Tensor:
+        snr = _hp(snr)
+        clipped = torch.minimum(snr, torch.full_like(snr, self.gamma))  # min, never max
+        if self.target == "eps":
+            return clipped / snr
+        if self.target == "x0":
+            return clipped
+        return clipped / (snr + 1.0)
+
+    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        return self._weighted_mean(terms.mse, self.weights(terms.snr.to(terms.mse.device)))
+
+
+class P2Weighting(Weighting):
+    """P2 (Choi et al. 2022): ``1/(k + SNR)^gamma`` on the eps MSE (converted for x0/v targets)."""
+
+    name = "p2"
+
+    def __init__(self, target: str = "eps", k: float = 1.0, gamma: float = 1.0) -> None:
+        super().__init__()
+        self.target = _check_target(target)
+        self.k, self.gamma = float(k), float(gamma)
+
+    def weights(self, snr: torch.Tensor) -> torch.Tensor:
+        """Weight on the target MSE: P2's weight times the target-MSE -> eps-MSE factor."""
+        snr = _hp(snr)
+        w = 1.0 / (self.k + snr) ** self.gamma
+        if self.target == "x0":
+            w = w * snr
+        elif self.target == "v":
+            w = w * snr / (snr + 1.0)
+        return w
+
+    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        return self._weighted_mean(terms.mse, self.weights(terms.snr.to(terms.mse.device)))
+
+
+class EDM2Weighting(Weighting):
+    """Learned per-level log-variance ``u(lam)``; loss ``mean(terms.loss / exp(u) + u)``."""
+
+    name = "edm2"
+
+    def __init__(self, channels: int = 128, generator: Optional[torch.Generator] = None, seed: int = 0) -> None:
+        super().__init__()
+        if generator is None:
+            generator = torch.Generator().manual_seed(int(seed))
+        gdev = generator.device
+        self.register_buffer("freqs", torch.randn(channels, generator=generator, device=gdev).cpu())
+        self.register_buffer("phases", torch.rand(channels, generator=generator, device=gdev).cpu())
+        # zero-initialised without nn.Linear's default (global-RNG) init
+        self.weight = nn.Parameter(torch.zeros(1, channels))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def features(self, lam: torch.Tensor) -> torch.Tensor:
+        c = -lam.detach().float().reshape(-1, 1) / 8.0
+        return math.sqrt(2.0) * torch.cos(2 * math.pi * (c * self.freqs + self.phases))
+
+    def logvar(self, lam: torch.Tensor) -> torch.Tensor:
+        """u(lam), shape (B,)."""
+        feats = self.features(lam.to(self.freqs.device))
+        return (feats @ self.weight.t() + self.bias).reshape(-1)
+
+    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        u = self.logvar(lam).to(terms.loss.device)
+        self.last_weights = torch.exp(-u).detach()
+        return (terms.loss / torch.exp(u).to(terms.loss.dtype) + u.to(terms.loss.dtype)).mean()
+
+
+WEIGHTINGS = {
+    "uniform": UniformWeighting,
+    "vaw": VAWWeighting,
+    "seed-cauchy": SeedCauchyWeighting,
+    "seed-standardized": SeedStandardizedWeighting,
+    "min-snr": MinSNRWeighting,
+    "p2": P2Weighting,
+    "edm2": EDM2Weighting,
+}
+
+# keyword arguments each weighting accepts (a ``cfg`` mapping may carry others; they are ignored
+# for the weightings that do not take them, except vaw, which receives its own sub-mapping).
+_KEYS = {
+    "uniform": (),
+    "seed-cauchy": ("alpha",),
+    "seed-standardized": ("alpha", "min_weight"),
+    "min-snr": ("target", "gamma"),
+    "p2": ("target", "k", "gamma"),
+    "edm2": ("channels", "generator", "seed"),
+}
+
+
+def make_weighting(name: str, cfg: Optional[Any] = None, **kw: Any) -> Weighting:
+    """Build a weighting by name.
+
+    ``cfg`` (optional) is a mapping or dataclass of keyword arguments, merged under ``kw``.
+    Plain keyword arguments are passed through as they are (an unknown one raises
+    ``TypeError``); from ``cfg`` only the keys the named weighting takes are used (for
+    "vaw": everything in ``cfg["vaw"]`` if present, else the ``VarianceAwareWeighting``
+    keywords found in ``cfg``)."""
+    if name not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {name!r}; choose one of {sorted(WEIGHTINGS)}")
+    merged = {}
+    if cfg is not None:
+        if is_dataclass(cfg) and not isinstance(cfg, type):
+            cfg = asdict(cfg)
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"cfg must be a mapping or a dataclass, got {type(cfg).__name__}")
+        if name == "vaw":
+            vaw_keys = ("num_bins", "logsnr_range", "decay", "power", "eps", "min_count", "weight_range",
+                        "warmup_steps", "ramp_steps", "sync", "backend")
+            sub = cfg.get("vaw")
+            merged = dict(sub) if isinstance(sub, Mapping) else {k: cfg[k] for k in vaw_keys if k in cfg}
+        else:
+            merged = {k: cfg[k] for k in _KEYS[name] if k in cfg}
+    merged.update(kw)
+    return WEIGHTINGS[name](**merged)
