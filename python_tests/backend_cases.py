@@ -82,13 +82,13 @@ def run_case(case: Case, backend: str, device: str = "cpu", loss_dtype: torch.dt
     module.train(training)
     records = []
     for loss64, lam64 in case.batches:
-        loss = loss64.to(device=device, dtype=loss_dtype).requires_grad_(True)
+        loss = loss64.to(device=device, dtype=loss_dtype).detach().clone().requires_grad_(True)
         lam = lam64.to(device=device, dtype=lam_dtype)
         out = module(loss, lam)
         out.backward()
         record = {"out": out.detach().double().cpu(), "grad": loss.grad.double().cpu(),
                   "w": module.last_weights.double().cpu()}
-        record.update({name: getattr(module, name).detach().double().cpu() for name in STATE_NAMES})
+        record.update({name: getattr(module, name).detach().double().cpu().clone() for name in STATE_NAMES})
         records.append(record)
     return records
 

@@ -232,3 +232,15 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(b_in.grad, a_in.grad)
     for name, value in _buffers(eager).items():
         torch.testing.assert_close(getattr(compiled_module, name), value, msg=name)
+
+
+def test_dtype_casts_of_a_parent_model_keep_state_dtypes():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.vaw = _warm(VarianceAwareWeighting(num_bins=8))
+    weight = model.vaw.weight.clone()
+    model.half()
+    assert model[0].weight.dtype == torch.float16
+    assert model.vaw.M.dtype == torch.float32 and model.vaw.C.dtype == torch.float64
+    assert torch.equal(model.vaw.weight, weight)
+    model.double()
+    assert model.vaw.weight.dtype == torch.float32

@@ -1,21 +1,77 @@
-"""Placeholder until the compiled extension lands (issue 4)."""
+"""The compiled backends: "cpp" (C++ CPU kernels) and "cuda" (CUDA kernels).
+
+Both call the ops ``torch.ops.varweight_ext.*`` registered by the extension (see ``_ext.py`` for
+how it is found, version-checked and, on a mismatch, rebuilt just in time). The fused ``step`` is
+one dispatcher call that bins, gathers, reduces and updates the state in C++/CUDA.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _ext
 from .backends import Backend, register_backend
 
+# Import-time check: loads (or JIT-builds) the extension once, warning once on a mismatch.
+EXTENSION = _ext.status()
 
-class _Unbuilt(Backend):
+
+def _op(name: str):
+    return getattr(getattr(torch.ops, _ext.NAMESPACE), name).default
+
+
+if EXTENSION.cpu_reason is None:
+    _FORWARD_MOMENTS = _op("forward_moments")
+    _UPDATE = _op("update")
+    _STEP = _op("step")
+else:
+    _FORWARD_MOMENTS = _UPDATE = _STEP = None
+
+
+class _CompiledBackend(Backend):
+    def forward_moments(self, loss, lam, weight, lmin, scale, training):
+        out, w, moments = _FORWARD_MOMENTS(loss, lam, weight, float(lmin), float(scale), bool(training))
+        return out, w, (moments if training else None)
+
+    def update(self, moments, M, Q, Z, C, weight, step, nonfinite, params):
+        _UPDATE(moments, M, Q, Z, C, weight, step, nonfinite, params)
+
+    def step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
+        return _STEP(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training)
+
+
+class CppBackend(_CompiledBackend):
+    name = "cpp"
     devices = ("cpu",)
 
-    def unavailable_reason(self):
-        return "the compiled extension is not part of this build yet"
+    def unavailable_reason(self) -> Optional[str]:
+        return EXTENSION.cpu_reason
 
 
-class CppBackend(_Unbuilt):
-    name = "cpp"
-
-
-class CudaBackend(_Unbuilt):
+class CudaBackend(_CompiledBackend):
     name = "cuda"
     devices = ("cuda",)
+
+    def unavailable_reason(self) -> Optional[str]:
+        if EXTENSION.cuda_reason is not None:
+            return EXTENSION.cuda_reason
+        if not torch.cuda.is_available():
+            return "needs a CUDA device (torch.cuda.is_available() is False)"
+        return None
+
+
+def build_info() -> Optional[str]:
+    """The torch version the loaded C++ library was compiled against (None when not loaded)."""
+    if EXTENSION.cpu_reason is not None:
+        return None
+    marker = torch.ops.varweight_ext.build_info()
+    prefix = _ext.MARKER_PREFIX.decode()
+    hexed = marker[len(prefix):] if marker.startswith(prefix) else ""
+    try:
+        return bytes.fromhex(hexed[1:]).decode() if hexed.startswith("1") else None
+    except ValueError:
+        return None
 
 
 register_backend("cpp", CppBackend)

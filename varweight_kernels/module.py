@@ -72,6 +72,17 @@ class VarianceAwareWeighting(nn.Module):
             raise RuntimeError(f"loss, lam and the VAW state must be on one device, got loss on {loss.device}, "
                                f"lam on {lam.device} and the state on {self.M.device}")
 
+    def _apply(self, fn, recurse=True):
+        # ``model.half()`` / ``.double()`` must not change the state's dtypes (SPEC: float32 M, Q, Z,
+        # weight; float64 C): keep each buffer's dtype and let the call only move it.
+        before = {name: getattr(self, name) for name in STATE_NAMES}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new.dtype != old.dtype:
+                setattr(self, name, old.to(new.device))
+        return self
+
     # -- introspection ----------------------------------------------------------------------
     @staticmethod
     def available_backends() -> List[str]:

@@ -1,0 +1,456 @@
+// CUDA kernels of one VAW step (SPEC.md, varweight_kernels/reference.py).
+//
+// A step is at most two launches and never synchronises with the host:
+//   1. vaw_pass_kernel: a grid whose size depends only on (B, K). Block g handles a fixed
+//      contiguous range of samples in tiles of kThreads; it bins, gathers the weight (the table as
+//      it was before this batch), writes w and accumulates its partial sums: sum(w*L), the
+//      non-finite count and (training) the per-bin n, s, q. No float atomics: inside a warp the
+//      samples of one bin are summed in lane order by the group's leader (__match_any_sync), the
+//      warps of a block add their group sums one warp after the other, tiles in order. Each block
+//      writes its partials to its own row of a global buffer.
+//   2. vaw_finalize_kernel (one block): adds the rows in block order (lane-strided sums and a fixed
+//      shuffle tree), writes out, the moment buffer and/or applies the EMA, counters (step and
+//      nonfinite are updated on the device) and the next weight table, all in double precision.
+// The result is deterministic: the same bits on every run for the same shapes.
+#include "vaw_cuda.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#define VAW_STR2(x) #x
+#define VAW_STR(x) VAW_STR2(x)
+
+#ifdef VAW_TORCH_VERSION_HEX
+extern "C" __attribute__((used)) const char varweight_cuda_build_marker[] =
+    "VARWEIGHT_TORCH_VERSION_HEX=" VAW_STR(VAW_TORCH_VERSION_HEX);
+#else
+extern "C" __attribute__((used)) const char varweight_cuda_build_marker[] = "VARWEIGHT_TORCH_VERSION_HEX=unknown";
+#endif
+
+namespace varweight {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kThreads = 256;  // main pass block size
+constexpr int kWarps = kThreads / 32;
+constexpr int kFinalThreads = 1024;  // finalise block size (32 warps)
+constexpr int64_t kMaxBlocks = 1024;
+constexpr int64_t kPartialBudget = int64_t(1) << 21;  // doubles of per-block partials (16 MiB)
+constexpr int64_t kSmemHistMax = 5120;                // doubles of shared histogram (40 KiB)
+constexpr double kRawWeightCap = 1e300;
+
+struct DevParams {
+  double decay, power, eps, min_count, wmin, wmax, warmup, ramp;
+};
+
+// Grid of the main pass: a function of (B, K) only.
+struct Grid {
+  int64_t blocks;
+  int64_t per_block;
+};
+
+Grid plan_grid(int64_t B, int64_t K) {
+  const int64_t stride = 3 * K + 2;
+  const int64_t cap = std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, kPartialBudget / stride));
+  const int64_t tiles = (B + kThreads - 1) / kThreads;
+  int64_t blocks = std::min(tiles, cap);
+  const int64_t per_block = ((tiles + blocks - 1) / blocks) * kThreads;
+  blocks = (B + per_block - 1) / per_block;
+  return Grid{blocks, per_block};
+}
+
+template <typename T>
+__device__ __forceinline__ double load_loss(const T* p, int64_t i) {
+  return static_cast<double>(static_cast<float>(p[i]));
+}
+template <>
+__device__ __forceinline__ double load_loss<double>(const double* p, int64_t i) {
+  return p[i];
+}
+
+// Row layout of the partials: [hist (hist_len = 3K: n(K), s(K), q(K); 0 in eval), nonfinite, wsum].
+template <typename loss_t, typename lam_t, bool TRAIN>
+__global__ void __launch_bounds__(kThreads)
+    vaw_pass_kernel(const loss_t* __restrict__ loss, const lam_t* __restrict__ lam, const float* __restrict__ table,
+                    float* __restrict__ w_out, double* __restrict__ partials, int64_t B, int64_t per_block, int K,
+                    int64_t stride, bool use_smem, float lminf, float scalef, float kmaxf) {
+  extern __shared__ double smem_hist[];
+  __shared__ double stage_v[kThreads];
+  __shared__ double stage_q[kThreads];
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int64_t hist_len = TRAIN ? 3 * int64_t(K) : 0;
+  double* row = partials + int64_t(blockIdx.x) * stride;
+  double* hist = (TRAIN && use_smem) ? smem_hist : row;
+  if (TRAIN) {
+    for (int64_t j = tid; j < hist_len; j += kThreads) hist[j] = 0.0;
+    __syncthreads();
+  }
+  const int64_t begin = int64_t(blockIdx.x) * per_block;
+  const int64_t end = min(B, begin + per_block);
+  double wsum = 0.0;
+  double nonfinite = 0.0;
+  for (int64_t base = begin; base < end; base += kThreads) {  // same trip count for every thread
+    const int64_t i = base + tid;
+    bool valid = false;
+    int bin = 0;
+    double L = 0.0;
+    if (i < end) {
+      const float l = static_cast<float>(lam[i]);
+      const bool lam_nan = isnan(l);
+      // Precision contract: float32 subtract and multiply (no FMA), floor, clamp in float, then int.
+      float u = floorf(__fmul_rn(__fsub_rn(l, lminf), scalef));
+      u = u < 0.0f ? 0.0f : u;  // NaN stays NaN here; its bin is never used
+      u = u > kmaxf ? kmaxf : u;
+      bin = lam_nan ? 0 : static_cast<int>(u);
+      const float wv = lam_nan ? 1.0f : table[bin];
+      w_out[i] = wv;
+      L = load_loss(loss, i);
+      wsum = __dadd_rn(wsum, __dmul_rn(static_cast<double>(wv), L));
+      if (TRAIN) {
+        valid = !lam_nan && isfinite(L);
+        if (!valid) nonfinite += 1.0;
+      }
+    }
+    if (TRAIN) {
+      stage_v[tid] = valid ? L : 0.0;
+      stage_q[tid] = valid ? __dmul_rn(L, L) : 0.0;
+      const unsigned group = __match_any_sync(kFullMask, valid ? bin : -1);
+      __syncwarp();
+      const bool leader = valid && lane == __ffs(group) - 1;
+      double gs = 0.0, gq = 0.0;
+      if (leader) {  // the group's values in lane order
+        for (unsigned rest = group; rest != 0u; rest &= rest - 1u) {
+          const int j = warp * 32 + __ffs(rest) - 1;
+          gs = __dadd_rn(gs, stage_v[j]);
+          gq = __dadd_rn(gq, stage_q[j]);
+        }
+      }
+      for (int wp = 0; wp < kWarps; ++wp) {  // warps one after the other: a fixed order per bin
+        if (warp == wp && leader) {
+          hist[bin] += static_cast<double>(__popc(group));
+          hist[K + bin] = __dadd_rn(hist[K + bin], gs);
+          hist[2 * K + bin] = __dadd_rn(hist[2 * K + bin], gq);
+        }
+        __syncthreads();
+      }
+    }
+  }
+  // Block sums of wsum and nonfinite: a fixed tree.
+  __syncthreads();
+  stage_v[tid] = wsum;
+  stage_q[tid] = nonfinite;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (tid < s) {
+      stage_v[tid] = __dadd_rn(stage_v[tid], stage_v[tid + s]);
+      stage_q[tid] = __dadd_rn(stage_q[tid], stage_q[tid + s]);
+    }
+    __syncthreads();
+  }
+  if (TRAIN && use_smem) {
+    for (int64_t j = tid; j < hist_len; j += kThreads) row[j] = hist[j];
+  }
+  if (tid == 0) {
+    row[hist_len] = stage_q[0];
+    row[hist_len + 1] = stage_v[0];
+  }
+}
+
+// Sum over the block in a fixed order (shuffle-down trees); every thread gets the result.
+__device__ double block_sum(double v, double* sh) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  for (int off = 16; off > 0; off >>= 1) v = __dadd_rn(v, __shfl_down_sync(kFullMask, v, off));
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kFinalThreads / 32 ? sh[lane] : 0.0;
+    for (int off = 16; off > 0; off >>= 1) v = __dadd_rn(v, __shfl_down_sync(kFullMask, v, off));
+    if (lane == 0) sh[32] = v;
+  }
+  __syncthreads();
+  const double r = sh[32];
+  __syncthreads();
+  return r;
+}
+
+// x ** e as torch.pow(tensor, python float) computes it (its special exponents included).
+__device__ __forceinline__ double pow_scalar(double x, double e) {
+  if (e == 0.0) return 1.0;
+  if (e == 1.0) return x;
+  if (e == 0.5) return sqrt(x);
+  if (e == -0.5) return 1.0 / sqrt(x);
+  if (e == 2.0) return __dmul_rn(x, x);
+  if (e == -1.0) return 1.0 / x;
+  if (e == -2.0) return 1.0 / __dmul_rn(x, x);
+  if (e == 3.0) return __dmul_rn(__dmul_rn(x, x), x);
+  return pow(x, e);
+}
+
+__device__ __forceinline__ double clamp_nan(double x, double lo, double hi) {  // torch.clamp: NaN propagates
+  return isnan(x) ? x : fmin(fmax(x, lo), hi);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_out(T* out, double mean) {
+  *out = static_cast<T>(static_cast<float>(mean));  // the reference accumulates these in float32
+}
+template <>
+__device__ __forceinline__ void store_out<double>(double* out, double mean) {
+  *out = mean;
+}
+
+// One block. partials: G rows of `stride` doubles laid out as [hist(hist_len), nonfinite, (wsum)].
+// out / moments_out / the state pointers may be null; scratch holds 4K doubles when updating.
+template <typename out_t, typename c_t>
+__global__ void __launch_bounds__(kFinalThreads)
+    vaw_finalize_kernel(const double* __restrict__ partials, int64_t G, int64_t stride, int K, int64_t hist_len,
+                        bool has_wsum, int64_t B, out_t* out, double* moments_out, double* scratch, float* M,
+                        float* Q, float* Z, c_t* C, float* weight, int64_t* step, int64_t* nonfinite, DevParams p) {
+  __shared__ double sh[33];
+  __shared__ double s_nonfinite;
+  __shared__ double s_step;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int64_t entries = hist_len + (has_wsum ? 2 : 1);
+  for (int64_t j = warp; j < entries; j += kFinalThreads / 32) {
+    double acc = 0.0;
+    for (int64_t g = lane; g < G; g += 32) acc = __dadd_rn(acc, partials[g * stride + j]);
+    for (int off = 16; off > 0; off >>= 1) acc = __dadd_rn(acc, __shfl_down_sync(kFullMask, acc, off));
+    if (lane == 0) {
+      if (j < hist_len) {
+        if (scratch != nullptr) scratch[j] = acc;
+        if (moments_out != nullptr) moments_out[j] = acc;
+      } else if (j == hist_len) {
+        s_nonfinite = acc;
+        if (moments_out != nullptr) moments_out[j] = acc;
+      } else if (out != nullptr) {
+        store_out(out, acc / static_cast<double>(B));
+      }
+    }
+  }
+  if (M == nullptr) return;  // uniform across the block
+  __syncthreads();
+  if (tid == 0) {
+    *step += 1;
+    s_step = static_cast<double>(*step);
+    *nonfinite += static_cast<int64_t>(s_nonfinite);
+  }
+  // 6. EMA of the bins that saw samples; then the weight table inputs from the float32 state.
+  const double expo = -p.power / 2.0;
+  double tr = 0.0, trr = 0.0, tc = 0.0;
+  for (int k = tid; k < K; k += kFinalThreads) {
+    const double nk = scratch[k];
+    if (nk > 0) {
+      const double a = pow(p.decay, nk);
+      const double oma = __dsub_rn(1.0, a);
+      M[k] = static_cast<float>(__dadd_rn(__dmul_rn(a, static_cast<double>(M[k])), __dmul_rn(oma, scratch[K + k] / nk)));
+      Q[k] = static_cast<float>(
+          __dadd_rn(__dmul_rn(a, static_cast<double>(Q[k])), __dmul_rn(oma, scratch[2 * K + k] / nk)));
+      Z[k] = static_cast<float>(__dadd_rn(__dmul_rn(a, static_cast<double>(Z[k])), oma));
+    }
+    C[k] += static_cast<c_t>(nk);
+    const double z = Z[k];
+    double var = 0.0;
+    if (z > 0) {
+      const double mu = static_cast<double>(M[k]) / z;
+      var = __dsub_rn(static_cast<double>(Q[k]) / z, __dmul_rn(mu, mu));
+      var = var < 0.0 ? 0.0 : var;
+    }
+    double r = pow_scalar(__dadd_rn(var, p.eps), expo);
+    r = r > kRawWeightCap ? kRawWeightCap : r;
+    scratch[3 * K + k] = r;
+    const double ck = static_cast<double>(C[k]);
+    const double rc = ck >= p.min_count ? ck : 0.0;
+    tr = __dadd_rn(tr, rc);
+    trr = __dadd_rn(trr, __dmul_rn(rc, r));
+    tc = __dadd_rn(tc, ck);
+  }
+  const double total_ready = block_sum(tr, sh);
+  const double ready_raw = block_sum(trr, sh);
+  const double total = block_sum(tc, sh);
+  // 7. Weight table.
+  const double fill = total_ready > 0 ? ready_raw / fmax(total_ready, 1.0) : 1.0;
+  double tn = 0.0;
+  for (int k = tid; k < K; k += kFinalThreads) {
+    const double ck = static_cast<double>(C[k]);
+    const double r = ck >= p.min_count ? scratch[3 * K + k] : fill;
+    scratch[3 * K + k] = r;
+    const double pi = total > 0 ? ck / fmax(total, 1.0) : 1.0 / static_cast<double>(K);
+    tn = __dadd_rn(tn, __dmul_rn(pi, r));
+  }
+  const double norm = block_sum(tn, sh);  // its barriers also publish s_step
+  const double steps = s_step;
+  const bool in_warmup = steps <= p.warmup;
+  const double ramp_r = p.ramp > 0 ? fmin((steps - p.warmup) / p.ramp, 1.0) : 1.0;
+  for (int k = tid; k < K; k += kFinalThreads) {
+    double w = norm > 0 ? clamp_nan(scratch[3 * K + k] / norm, p.wmin, p.wmax) : 1.0;
+    if (p.ramp > 0) w = __dadd_rn(1.0, __dmul_rn(ramp_r, __dsub_rn(w, 1.0)));
+    if (in_warmup) w = 1.0;
+    weight[k] = static_cast<float>(w);
+  }
+}
+
+void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* what) {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "varweight: the CUDA kernel needs ", what, " on ",
+              ref.device(), ", got ", t.device());
+}
+
+struct PassOut {
+  at::Tensor partials;
+  int64_t blocks;
+  int64_t stride;
+  int64_t hist_len;
+};
+
+// Launch 1: w and the per-block partial rows.
+PassOut run_pass(const at::Tensor& loss, const at::Tensor& lam, const at::Tensor& table, const at::Tensor& w,
+                 double lmin, double scale, bool training, cudaStream_t stream) {
+  const int64_t B = loss.numel();
+  const int64_t K = table.numel();
+  const Grid grid = plan_grid(B, K);
+  const int64_t hist_len = training ? 3 * K : 0;
+  const int64_t stride = hist_len + 2;
+  at::Tensor partials = at::empty({grid.blocks * stride}, loss.options().dtype(at::kDouble));
+  const bool use_smem = training && hist_len <= kSmemHistMax;
+  const size_t smem = use_smem ? static_cast<size_t>(hist_len) * sizeof(double) : 0;
+  const float lminf = static_cast<float>(lmin);
+  const float scalef = static_cast<float>(scale);
+  const float kmaxf = static_cast<float>(K - 1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loss.scalar_type(), "varweight_cuda_loss", [&] {
+    using loss_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lam.scalar_type(), "varweight_cuda_lam", [&] {
+      using lam_t = scalar_t;
+      auto kernel = training ? vaw_pass_kernel<loss_t, lam_t, true> : vaw_pass_kernel<loss_t, lam_t, false>;
+      kernel<<<static_cast<unsigned>(grid.blocks), kThreads, smem, stream>>>(
+          loss.const_data_ptr<loss_t>(), lam.const_data_ptr<lam_t>(), table.const_data_ptr<float>(),
+          w.mutable_data_ptr<float>(), partials.mutable_data_ptr<double>(), B, grid.per_block, static_cast<int>(K),
+          stride, use_smem, lminf, scalef, kmaxf);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return PassOut{partials, grid.blocks, stride, hist_len};
+}
+
+DevParams dev_params(const Params& p) {
+  return DevParams{p.decay, p.power, p.eps, p.min_count, p.wmin, p.wmax, p.warmup, p.ramp};
+}
+
+// Launch 2 (or the only launch of update): see vaw_finalize_kernel.
+void run_finalize(const double* partials, int64_t G, int64_t stride, int64_t K, int64_t hist_len, bool has_wsum,
+                  int64_t B, const at::Tensor* out, double* moments_out, const at::Tensor* state, const Params* p,
+                  const at::Tensor& like, cudaStream_t stream) {
+  at::Tensor scratch;
+  if (state != nullptr) scratch = at::empty({4 * K}, like.options().dtype(at::kDouble));
+  const DevParams dp = p != nullptr ? dev_params(*p) : DevParams{};
+  const c10::ScalarType out_type = out != nullptr ? out->scalar_type() : at::kDouble;
+  const c10::ScalarType c_type = state != nullptr ? state[3].scalar_type() : at::kDouble;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "varweight_cuda_finalize", [&] {
+    using out_t = scalar_t;
+    out_t* out_ptr = out != nullptr ? out->mutable_data_ptr<out_t>() : nullptr;
+    auto launch = [&](auto* c_ptr) {
+      using c_t = std::remove_pointer_t<decltype(c_ptr)>;
+      float* M = state != nullptr ? state[0].mutable_data_ptr<float>() : nullptr;
+      float* Q = state != nullptr ? state[1].mutable_data_ptr<float>() : nullptr;
+      float* Z = state != nullptr ? state[2].mutable_data_ptr<float>() : nullptr;
+      float* weight = state != nullptr ? state[4].mutable_data_ptr<float>() : nullptr;
+      int64_t* step = state != nullptr ? state[5].mutable_data_ptr<int64_t>() : nullptr;
+      int64_t* nonfinite = state != nullptr ? state[6].mutable_data_ptr<int64_t>() : nullptr;
+      double* scratch_ptr = state != nullptr ? scratch.mutable_data_ptr<double>() : nullptr;
+      vaw_finalize_kernel<out_t, c_t><<<1, kFinalThreads, 0, stream>>>(
+          partials, G, stride, static_cast<int>(K), hist_len, has_wsum, B, out_ptr, moments_out, scratch_ptr, M, Q,
+          Z, c_ptr, weight, step, nonfinite, dp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (c_type == at::kLong) {
+      launch(state[3].mutable_data_ptr<int64_t>());
+    } else {
+      launch(state != nullptr ? state[3].mutable_data_ptr<double>() : static_cast<double*>(nullptr));
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_moments_cuda(const at::Tensor& loss_in, const at::Tensor& lam_in,
+                                                                    const at::Tensor& weight_in, double lmin,
+                                                                    double scale, bool training) {
+  check_inputs(loss_in, lam_in, weight_in);
+  check_cuda(loss_in, loss_in, "loss");
+  const c10::cuda::CUDAGuard guard(loss_in.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor loss = loss_in.contiguous();
+  const at::Tensor lam = lam_in.contiguous();
+  const at::Tensor table = weight_in.contiguous();
+  const int64_t B = loss.numel();
+  const int64_t K = table.numel();
+  at::Tensor w = at::empty({B}, loss.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({}, loss.options());
+  at::Tensor moments = at::empty({training ? 3 * K + 1 : 0}, loss.options().dtype(at::kDouble));
+  const PassOut pass = run_pass(loss, lam, table, w, lmin, scale, training, stream);
+  run_finalize(pass.partials.const_data_ptr<double>(), pass.blocks, pass.stride, K, pass.hist_len, true, B, &out,
+               training ? moments.mutable_data_ptr<double>() : nullptr, nullptr, nullptr, loss, stream);
+  return {out, w, moments};
+}
+
+void update_cuda(const at::Tensor& moments_in, const at::Tensor& M, const at::Tensor& Q, const at::Tensor& Z,
+                 const at::Tensor& C, const at::Tensor& weight, const at::Tensor& step, const at::Tensor& nonfinite,
+                 c10::ArrayRef<double> params) {
+  const Params p = parse_params(params);
+  check_state(M, Q, Z, C, weight, step, nonfinite);
+  check_cuda(M, M, "the state");
+  const int64_t K = M.numel();
+  check_moments(moments_in, K);
+  check_cuda(moments_in, M, "moments");
+  const c10::cuda::CUDAGuard guard(M.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor moments = moments_in.contiguous();
+  const at::Tensor state[] = {M, Q, Z, C, weight, step, nonfinite};
+  run_finalize(moments.const_data_ptr<double>(), 1, 3 * K + 1, K, 3 * K, false, 1, nullptr, nullptr, state, &p, M,
+               stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> step_cuda(const at::Tensor& loss_in, const at::Tensor& lam_in, const at::Tensor& M,
+                                             const at::Tensor& Q, const at::Tensor& Z, const at::Tensor& C,
+                                             const at::Tensor& weight, const at::Tensor& step,
+                                             const at::Tensor& nonfinite, c10::ArrayRef<double> params,
+                                             bool training) {
+  const Params p = parse_params(params);
+  check_inputs(loss_in, lam_in, weight);
+  check_state(M, Q, Z, C, weight, step, nonfinite);
+  check_cuda(loss_in, loss_in, "loss");
+  check_cuda(M, loss_in, "the state");
+  const c10::cuda::CUDAGuard guard(loss_in.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor loss = loss_in.contiguous();
+  const at::Tensor lam = lam_in.contiguous();
+  const int64_t B = loss.numel();
+  const int64_t K = M.numel();
+  at::Tensor w = at::empty({B}, loss.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({}, loss.options());
+  const PassOut pass = run_pass(loss, lam, weight, w, p.lmin, p.scale, training, stream);
+  const at::Tensor state[] = {M, Q, Z, C, weight, step, nonfinite};
+  run_finalize(pass.partials.const_data_ptr<double>(), pass.blocks, pass.stride, K, pass.hist_len, true, B, &out,
+               nullptr, training ? state : nullptr, training ? &p : nullptr, loss, stream);
+  return {out, w};
+}
+
+}  // namespace varweight
+
+TORCH_LIBRARY_IMPL(varweight_ext, CUDA, m) {
+  m.impl("forward_moments", &varweight::forward_moments_cuda);
+  m.impl("update", &varweight::update_cuda);
+  m.impl("step", &varweight::step_cuda);
+}

@@ -1,0 +1,181 @@
+"""The CUDA backend ("cuda") on CUDA tensors: against the reference, deterministic, no host sync,
+at most two kernel launches per step. Skipped without a CUDA device.
+
+Tolerances as in test_cpp.py: float32/float64 losses rtol 1e-6 on every recorded value; float16 /
+bfloat16 losses the same except ``out`` (rtol 1e-3 / 8e-3: the reference sums in float32, the
+kernel in float64).
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from backend_cases import assert_records_close, assert_records_equal, edge_cases, random_cases
+from backend_cases import run_case as _shared_run_case
+from varweight_kernels import VarianceAwareWeighting, reference
+from varweight_kernels.backends import backend_reason, get_backend
+from varweight_kernels.config import VAWConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+HALF_OUT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cuda_backend_available():
+    reason = backend_reason("cuda", torch.device("cuda"))
+    if reason is not None:  # a GPU is here, so the CUDA build must be too
+        pytest.fail(f"the cuda backend cannot run on this GPU machine: {reason}", pytrace=False)
+
+
+def run_case(case, backend, **kwargs):
+    return _shared_run_case(copy.deepcopy(case), backend, **kwargs)
+
+
+def fresh_state(K: int, device="cuda"):
+    return [torch.zeros(K, device=device), torch.zeros(K, device=device), torch.zeros(K, device=device),
+            torch.zeros(K, dtype=torch.float64, device=device), torch.ones(K, device=device),
+            torch.zeros((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device)]
+
+
+def compare(actual, expected, loss_dtype, what):
+    out_rtol = HALF_OUT_RTOL.get(loss_dtype, 1e-6)
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        for key in e:
+            torch.testing.assert_close(a[key], e[key], rtol=out_rtol if key == "out" else 1e-6, atol=0.0,
+                                       equal_nan=True, msg=lambda m, key=key, step=step: f"{what} {step} {key}: {m}")
+
+
+@pytest.mark.parametrize("case", list(random_cases(24, seed=0)) + edge_cases(), ids=lambda c: c.name)
+def test_matches_reference_float32(case):
+    expected = run_case(case, "reference")  # CPU reference
+    actual = run_case(case, "cuda", device="cuda")
+    assert_records_close(actual, expected, rtol=1e-6, what=case.name)
+
+
+@pytest.mark.parametrize("case", list(random_cases(6, seed=1, max_batch=4097)), ids=lambda c: c.name)
+@pytest.mark.parametrize("loss_dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lam_dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+def test_dtypes(case, loss_dtype, lam_dtype):
+    expected = run_case(case, "reference", loss_dtype=loss_dtype, lam_dtype=lam_dtype)
+    actual = run_case(case, "cuda", device="cuda", loss_dtype=loss_dtype, lam_dtype=lam_dtype)
+    compare(actual, expected, loss_dtype, f"{case.name} {loss_dtype} {lam_dtype}")
+
+
+@pytest.mark.parametrize("case", edge_cases(), ids=lambda c: c.name)
+def test_deterministic_and_equal_to_itself(case):
+    assert_records_equal(run_case(case, "cuda", device="cuda"), run_case(case, "cuda", device="cuda"), what=case.name)
+
+
+def test_eval_mode_leaves_state_unchanged():
+    vaw = VarianceAwareWeighting(num_bins=16, min_count=1, backend="cuda").cuda()
+    for _ in range(2):
+        vaw(torch.rand(300, device="cuda"), torch.randn(300, device="cuda") * 6)
+    snapshot = {k: v.clone() for k, v in vaw.state_dict().items() if isinstance(v, torch.Tensor)}
+    vaw.eval()
+    vaw(torch.rand(300, device="cuda"), torch.randn(300, device="cuda") * 6)
+    for k, v in snapshot.items():
+        assert torch.equal(vaw.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("K", [1, 64, 2048, 4096])
+def test_split_path_equals_fused_and_moments_match(K):
+    backend = get_backend("cuda")
+    params = VAWConfig(num_bins=K, min_count=1).kernel_params()
+    split, fused, ref = fresh_state(K), fresh_state(K), fresh_state(K)
+    gen = torch.Generator(device="cuda").manual_seed(K)
+    for _ in range(3):
+        loss = torch.exp(torch.randn(50_000, device="cuda", generator=gen))
+        lam = torch.randn(50_000, device="cuda", generator=gen) * 8
+        loss[::97] = float("nan")
+        out_s, w_s, m_s = backend.forward_moments(loss, lam, split[4], params[0], params[1], True)
+        _, _, m_r = reference.forward_moments(loss, lam, ref[4], params[0], params[1], True)
+        torch.testing.assert_close(m_s, m_r, rtol=1e-12, atol=0)
+        backend.update(m_s, *split, params)
+        reference.update(m_r, *ref, params)
+        out_f, w_f = backend.step(loss, lam, *fused, params, True)
+        assert torch.equal(out_s, out_f) and torch.equal(w_s, w_f)
+        for a, b, r in zip(split, fused, ref):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, r, rtol=1e-6, atol=0)
+
+
+def test_no_host_sync_and_at_most_two_launches():
+    backend = get_backend("cuda")
+    K = 64
+    params = VAWConfig(num_bins=K).kernel_params()
+    state = fresh_state(K)
+    loss = torch.rand(100_000, device="cuda")
+    lam = torch.randn(100_000, device="cuda") * 6
+    backend.step(loss, lam, *state, params, True)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            backend.step(loss, lam, *state, params, True)
+            torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert 1 <= len(kernels) <= 2, [e.name for e in kernels]
+
+
+def test_cuda_graph_capture():
+    backend = get_backend("cuda")
+    K = 32
+    params = VAWConfig(num_bins=K, min_count=1).kernel_params()
+    state, eager = fresh_state(K), fresh_state(K)
+    loss = torch.rand(4096, device="cuda")
+    lam = torch.randn(4096, device="cuda") * 6
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        backend.step(loss, lam, *[s.clone() for s in state], params, True)  # warm-up off the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, w_g = backend.step(loss, lam, *state, params, True)
+    for _ in range(3):
+        graph.replay()
+        out_e, w_e = backend.step(loss, lam, *eager, params, True)
+        torch.cuda.synchronize()
+        assert torch.equal(out_g, out_e) and torch.equal(w_g, w_e)
+        for a, b in zip(state, eager):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_large_batch_int64_indexing():
+    """B = 2^26 (int64 offsets inside the kernel), K = 4096: agrees with the reference on the GPU."""
+    B, K = 1 << 26, 4096
+    params = VAWConfig(num_bins=K, min_count=1).kernel_params()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    loss = torch.rand(B, device="cuda", generator=gen)
+    lam = torch.randn(B, device="cuda", generator=gen) * 8
+    cuda_state, ref_state = fresh_state(K), fresh_state(K)
+    out_c, w_c = get_backend("cuda").step(loss, lam, *cuda_state, params, True)
+    out_r, w_r = reference.step(loss, lam, *ref_state, params, True)
+    torch.testing.assert_close(out_c, out_r, rtol=1e-5, atol=0)
+    assert torch.equal(w_c, w_r)
+    for a, r in zip(cuda_state, ref_state):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=0)
+    assert int(cuda_state[3].sum()) == B
+
+
+def test_cpp_and_cuda_agree():
+    case = next(iter(random_cases(1, seed=11)))
+    compare(run_case(case, "cuda", device="cuda"), run_case(case, "cpp"), torch.float32, case.name)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    eager = VarianceAwareWeighting(num_bins=16, min_count=2, backend="cuda").cuda()
+    compiled_mod = VarianceAwareWeighting(num_bins=16, min_count=2, backend="cuda").cuda()
+    compiled = torch.compile(compiled_mod, fullgraph=True)
+    for i in range(3):
+        loss = torch.rand(64, device="cuda")
+        lam = torch.randn(64, device="cuda") * 6
+        assert torch.equal(eager(loss, lam), compiled(loss, lam))
+    for name in ("M", "Q", "Z", "C", "weight", "step", "nonfinite"):
+        assert torch.equal(getattr(eager, name), getattr(compiled_mod, name)), name
