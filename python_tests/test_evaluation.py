@@ -1,0 +1,161 @@
+"""Frechet distance, the torch-fidelity digits path, and FID's offline behaviour."""
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from varweight_kernels.evaluation import FIDEvaluator, frechet_distance, frechet_distance_from_features
+from varweight_kernels.evaluation import fid as fid_mod
+from varweight_kernels.evaluation import digits_classifier as dc
+
+
+def _scipy_reference_fd(mu1, s1, mu2, s2):
+    """The classic pytorch-fid formula with scipy.linalg.sqrtm (reference only)."""
+    diff = mu1 - mu2
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_closed_form_diagonal_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0, -2.0]), np.array([1.0, 1.0, 0.5])
+    v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(v1) - np.sqrt(v2)) ** 2)
+    assert frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_closed_form_commuting_and_scalar():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    a, b = np.array([1.0, 2, 3, 4, 5]), np.array([0.5, 2, 7, 1, 1])
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T  # commuting covariances
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+    # 1-D: (m1-m2)^2 + (s1-s2)^2
+    assert frechet_distance([0.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(9 + 1)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_matches_scipy_reference_on_random_features():
+    rng = np.random.default_rng(1)
+    f1 = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
+    f2 = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16)) + 0.5
+    mu1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
+    mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
+    ref = _scipy_reference_fd(mu1, s1, mu2, s2)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-8)
+    assert frechet_distance_from_features(f1, f2) == pytest.approx(ref, rel=1e-8)
+    # rank-deficient covariances (N < D) stay finite and non-negative
+    g1, g2 = rng.normal(size=(8, 32)), rng.normal(size=(8, 32))
+    v = frechet_distance_from_features(g1, g2)
+    assert np.isfinite(v) and v >= 0
+
+
+@pytest.fixture(scope="module")
+def digits_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("varweight_cache")
+
+
+def test_digits_classifier_deterministic_and_accurate(digits_cache):
+    path = dc.ensure_classifier(cache_dir=digits_cache)
+    model, acc = dc.load_classifier(path)
+    assert acc > 0.93
+    # the cached file is reused, not retrained
+    mtime = path.stat().st_mtime_ns
+    assert dc.ensure_classifier(cache_dir=digits_cache) == path and path.stat().st_mtime_ns == mtime
+
+
+def test_digits_fd_through_torch_fidelity(digits_cache):
+    torch.set_num_threads(1)
+    ev = FIDEvaluator("digits", cache_dir=digits_cache, num_samples=500)
+    xtr, _, xte, _ = dc.load_digits_split()
+    real = ev.score(xte)
+    assert set(real) == {"fd_digits", "fd_floor", "classifier_acc"}
+    assert real["classifier_acc"] > 0.93
+    assert real["fd_digits"] == pytest.approx(real["fd_floor"], rel=1e-6)  # test split vs train = the floor
+    noise = ev.score(torch.randint(0, 256, (450, 1, 8, 8), generator=torch.Generator().manual_seed(0),
+                                   dtype=torch.uint8))
+    assert noise["fd_digits"] > 10 * real["fd_floor"]
+    # the value equals our own Frechet distance on the classifier's penultimate features
+    model, _ = dc.load_classifier(dc.ensure_classifier(cache_dir=digits_cache))
+    with torch.no_grad():
+        fte = model.features(dc.preprocess(xte)).double().numpy()
+        ftr = model.features(dc.preprocess(xtr)).double().numpy()
+    assert real["fd_floor"] == pytest.approx(frechet_distance_from_features(fte, ftr), rel=1e-3, abs=1e-4)
+    # upsampled RGB versions of the same images score the same (area resize back to 8x8)
+    big = xte.repeat_interleave(4, 2).repeat_interleave(4, 3).expand(-1, 3, -1, -1)
+    assert ev.score(big)["fd_digits"] == pytest.approx(real["fd_digits"], rel=1e-5)
+
+
+def test_fid_missing_inception_weights_warns_once_and_returns_none(monkeypatch, tmp_path):
+    calls = []
+
+    def no_network(dst, timeout=30.0):
+        calls.append(dst)
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(fid_mod, "_download_inception", no_network)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    ev = FIDEvaluator("cifar10", cache_dir=tmp_path)
+    imgs = torch.zeros(4, 3, 32, 32, dtype=torch.uint8)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert ev.score(imgs) is None
+        assert ev.score(imgs) is None
+        assert not ev.available()
+    msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1, msgs
+    assert "--fid-weights PATH" in msgs[0]
+    assert len(calls) == 1
+
+
+def test_fid_weights_path_that_does_not_exist(tmp_path):
+    ev = FIDEvaluator("cifar100", weights_path=tmp_path / "nope.pth", cache_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="--fid-weights"):
+        assert ev.score(torch.zeros(4, 3, 32, 32, dtype=torch.uint8)) is None
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError):
+        FIDEvaluator("mnist")
+    ev = FIDEvaluator("digits", cache_dir=tmp_path)
+    with pytest.raises(TypeError):
+        ev.score(torch.zeros(4, 1, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def fake_inception_weights(tmp_path_factory):
+    """A randomly initialised Inception state dict in torch-fidelity's format (no download)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fe, "load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    finally:
+        mp.undo()
+    path = tmp_path_factory.mktemp("inception") / "fake-inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.mark.slow
+def test_cifar_fid_path_offline_with_local_weights(fake_inception_weights, tmp_path):
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randint(0, 256, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
+    ev = FIDEvaluator("cifar10", weights_path=fake_inception_weights, cache_dir=tmp_path, reference_images=ref,
+                      num_samples=4, batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "unavailable" warning on this path
+        same = ev.score(ref)
+        other = ev.score(torch.full((4, 1, 32, 32), 128, dtype=torch.uint8))  # gray, 1 channel -> RGB
+    assert set(same) == {"fid"} and ev.reference == "cifar10-train"
+    assert abs(same["fid"]) < 1e-2 * max(1.0, other["fid"])
+    assert np.isfinite(other["fid"]) and other["fid"] > same["fid"]

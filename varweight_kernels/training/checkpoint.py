@@ -1,0 +1,265 @@
+"""Fault-tolerant checkpoints: plain data only, atomic writes, versioned and checksummed.
+
+File format (``checkpoints/ckpt_XXXXXXXX.pt``, XXXXXXXX = the step): a ``torch.save`` of the
+wrapper dict
+
+    {"format": "varweight-checkpoint", "format_version": 1,
+     "sha256": <hex digest of payload>, "payload_bytes": <int>, "payload": <uint8 tensor>}
+
+where ``payload`` holds the bytes of ``torch.save(state)`` and ``state`` is a tree of dicts
+(string keys), lists, tuples, tensors, numbers, strings, bools and None only (configs as plain
+dicts, every RNG state as a uint8 tensor). Both layers are read with
+``torch.load(..., weights_only=True)``, so a file that needs any other pickled object is refused
+and never executed; the checksum catches flipped bytes, the zip reader truncation.
+
+Writes are atomic: the bytes go to a hidden temp file in the same folder, which is flushed,
+fsync'ed, renamed over the final name, and the folder fsync'ed. A crash at any point leaves
+the previous checkpoints intact (a stray temp file at worst, ignored and cleaned on resume).
+A failed write (disk full, unwritable folder) raises ``CheckpointError`` and removes the temp
+file. ``prune_checkpoints`` keeps the newest ``keep >= 2``, so a previous good one survives.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import pickle
+import re
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+
+__all__ = ["CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint",
+           "list_checkpoints", "checkpoint_path", "load_latest_good", "prune_checkpoints",
+           "clean_temp_files", "check_plain", "atomic_write_bytes", "SAVE_SLEEP_ENV"]
+
+FORMAT_NAME = "varweight-checkpoint"
+FORMAT_VERSION = 1
+_CKPT_RE = re.compile(r"^ckpt_(\d{8,})\.pt$")
+_TMP_PREFIX = ".tmp-"
+# Test hook: seconds to sleep half-way through writing a checkpoint's temp file (to kill -9 a
+# process in the middle of a save). Never set in normal use.
+SAVE_SLEEP_ENV = "VARWEIGHT_TEST_SAVE_SLEEP"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file and says why."""
+
+
+# -- writing -----------------------------------------------------------------------------------
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def check_plain(obj: Any, where: str = "state") -> None:
+    """Raise ``TypeError`` unless ``obj`` is plain data (what ``weights_only`` loading accepts)."""
+    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: dict key {k!r} is a {type(k).__name__}, not str/int")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold only tensors, numbers, strings, "
+                    "lists and dicts")
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. platforms without directory fds
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data, sleep_halfway: float = 0.0) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename,
+    fsync folder). On failure the temp file is removed and ``OSError`` propagates; ``path``
+    keeps its old content (or stays absent)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f"{_TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
+    view = memoryview(data)
+    try:
+        with open(tmp, "wb") as fh:
+            if sleep_halfway > 0:
+                half = len(view) // 2
+                fh.write(view[:half])
+                fh.flush()
+                time.sleep(sleep_halfway)
+                fh.write(view[half:])
+            else:
+                fh.write(view)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+    """Serialise ``state`` (plain data only) into the checksummed wrapper and write it atomically."""
+    check_plain(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    raw = buf.getbuffer()
+    digest = hashlib.sha256(raw).hexdigest()
+    payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if len(raw) else torch.empty(0, dtype=torch.uint8)
+    del raw, buf
+    wrapper = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "sha256": digest,
+               "payload_bytes": int(payload.numel()), "payload": payload}
+    out = io.BytesIO()
+    torch.save(wrapper, out)
+    del wrapper, payload
+    sleep = float(os.environ.get(SAVE_SLEEP_ENV, "0") or 0)
+    try:
+        atomic_write_bytes(path, out.getbuffer(), sleep_halfway=sleep)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            reason += " (disk full or file-size limit)"
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
+                              "the previous checkpoints are intact") from None
+
+
+# -- reading -----------------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def _safe_load(source, name: str, what: str):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
+            detail = ""
+            m = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(exc))
+            if m is None:
+                m = re.search(r"Unsupported operand[^\n]*", str(exc))
+            if m is not None:
+                detail = f" ({m.group(1) if m.groups() else m.group(0)})"
+            raise CheckpointError(f"checkpoint {name} refused: its {what} needs pickled Python objects"
+                                  f"{detail}, which are never loaded (weights_only=True); it was not executed") from None
+        raise CheckpointError(f"checkpoint {name} is corrupted ({what} unreadable: {_first_line(exc)})") from None
+    except Exception as exc:  # zip/stream errors from truncation or garbage
+        raise CheckpointError(f"checkpoint {name} is truncated or corrupted ({what} unreadable: "
+                              f"{type(exc).__name__}: {_first_line(exc)})") from None
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Read, verify and return a checkpoint's state (tensors on CPU). Raises ``CheckpointError``
+    naming ``path`` if the file is missing, truncated, corrupted, of another format version, or
+    needs pickled objects."""
+    name = str(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {name} cannot be read: {exc.strerror or exc}") from None
+    if size == 0:
+        raise CheckpointError(f"checkpoint {name} is empty (truncated)")
+    wrapper = _safe_load(name, name, "file")
+    if not isinstance(wrapper, dict) or wrapper.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"checkpoint {name} is not a varweight checkpoint (no '{FORMAT_NAME}' header)")
+    version = wrapper.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {name} has format version {version!r}; this build reads "
+                              f"version {FORMAT_VERSION}")
+    payload = wrapper.get("payload")
+    if (not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1
+            or payload.numel() != wrapper.get("payload_bytes")):
+        raise CheckpointError(f"checkpoint {name} is corrupted (payload missing or of the wrong size)")
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != wrapper.get("sha256"):
+        raise CheckpointError(f"checkpoint {name} is corrupted (sha256 checksum mismatch)")
+    state = _safe_load(io.BytesIO(data), name, "payload")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {name} is corrupted (payload is not a dict)")
+    return state
+
+
+# -- the checkpoint folder ---------------------------------------------------------------------
+def checkpoint_path(folder: str, step: int) -> str:
+    return os.path.join(folder, f"ckpt_{int(step):08d}.pt")
+
+
+def list_checkpoints(folder: str) -> List[Tuple[int, str]]:
+    """``[(step, path), ...]`` of the finished checkpoint files, newest first."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    found = []
+    for n in names:
+        m = _CKPT_RE.match(n)
+        if m:
+            found.append((int(m.group(1)), os.path.join(folder, n)))
+    return sorted(found, reverse=True)
+
+
+def clean_temp_files(folder: str) -> None:
+    """Remove temp files left by a save that was killed."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for n in names:
+        if n.startswith(_TMP_PREFIX):
+            try:
+                os.unlink(os.path.join(folder, n))
+            except OSError:
+                pass
+
+
+def load_latest_good(folder: str, warn: Callable[[str], None] = print,
+                     quarantine: bool = True) -> Tuple[str, Dict[str, Any]]:
+    """The newest checkpoint in ``folder`` that loads and verifies: ``(path, state)``.
+
+    A bad one is reported through ``warn`` (naming the file and why) and, with ``quarantine``,
+    renamed to ``<name>.corrupt`` so that it is never retried or counted as a kept checkpoint;
+    the previous one is tried next. Raises ``CheckpointError`` when none is good."""
+    ckpts = list_checkpoints(folder)
+    if not ckpts:
+        raise CheckpointError(f"no checkpoint to resume from in {folder}")
+    problems = []
+    for _, path in ckpts:
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            tail = "; trying the previous one" if path != ckpts[-1][1] else ""
+            warn(f"warning: {exc}{tail}")
+            if quarantine and "format version" not in str(exc):
+                try:
+                    os.replace(path, path + ".corrupt")
+                except OSError:
+                    pass
+    raise CheckpointError(f"no good checkpoint in {folder}: " + "; ".join(problems))
+
+
+def prune_checkpoints(folder: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` (>= 2) checkpoints."""
+    keep = max(2, int(keep))
+    for _, path in list_checkpoints(folder)[keep:]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
