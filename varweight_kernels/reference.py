@@ -32,10 +32,8 @@ def accumulation_dtype(loss_dtype: torch.dtype) -> torch.dtype:
 
 def bin_index(lam: torch.Tensor, lmin: float, scale: float, num_bins: int) -> torch.Tensor:
     """Bin of each log-SNR value (int64); NaN goes to bin 0 and must be masked by the caller."""
-    lam32 = lam.to(torch.float32)
-    u = (lam32 - torch.tensor(lmin, dtype=torch.float32, device=lam.device)) * torch.tensor(
-        scale, dtype=torch.float32, device=lam.device)
-    u = torch.floor(u).clamp(0.0, float(num_bins - 1))
+    # Python scalars enter a float32 op as float32 on every device (and need no host-device copy).
+    u = torch.floor((lam.to(torch.float32) - lmin) * scale).clamp(0.0, float(num_bins - 1))
     return torch.where(torch.isnan(u), torch.zeros_like(u), u).to(torch.int64)
 
 
@@ -99,7 +97,7 @@ def update(moments: torch.Tensor, M: torch.Tensor, Q: torch.Tensor, Z: torch.Ten
     decay = params[2]
     n, s, q = moments[:num_bins], moments[num_bins:2 * num_bins], moments[2 * num_bins:3 * num_bins]
     seen = n > 0
-    a = torch.pow(torch.tensor(decay, dtype=torch.float64, device=n.device), n)
+    a = torch.pow(decay, n)
     safe_n = torch.where(seen, n, torch.ones_like(n))
     for buf, total in ((M, s), (Q, q)):
         old = buf.double()
