@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# One prepared check for a lent GPU machine (an H200: see /work/.library/device/), ~8 minutes:
+#   1. environment (GPU, driver, python, torch, triton, nvcc)
+#   2. offline install of the wheels carried in .whl/ (if any) into /tmp/site
+#   3. in-place build of the extension with CUDA (FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0)
+#   4. the test suite (python_tests) with the GPU visible, so the CUDA tests run
+#   5. benchmarks/bench_gpu.py (backends, CUDA-graph replay, peers, sync/capture checks)
+#   6. benchmarks/overhead.py on the GPU (training step, uniform vs vaw)
+# Every step has its own time limit and the script carries on after a failing step; all
+# output is tee'd to $OUT/gpu_check.log and a summary is printed last and saved as
+# $OUT/summary.md. $OUT defaults to ./gpu_results.
+#
+# From the device tool (the .whl folder holds torch-fidelity for the evaluation tests):
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# Budget knobs: GPU_CHECK_BUDGET (seconds for the whole script, default 500), GPU_CHECK_QUICK=1
+# (smaller benchmark grid), GPU_CHECK_XDIST (pytest workers, default 8), PYTHON (default python3),
+# GPU_CHECK_STEPS (run only these steps, e.g. "environment build bench_gpu" for a rerun).
+set -uo pipefail  # no -e: a failing step is recorded and the next one still runs
+
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+OUT="${OUT:-$ROOT/gpu_results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+BUDGET="${GPU_CHECK_BUDGET:-500}"
+START=$SECONDS
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+unset TRITON_INTERPRET  # the interpreter is for CPU-only CI, never for timing
+
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
+
+SUMMARY=()
+# step NAME LIMIT RESERVE CMD...: run CMD with at most LIMIT seconds, keeping RESERVE seconds of
+# the budget for the steps after it.
+step() {
+    local name=$1 limit=$2 reserve=$3
+    shift 3
+    if [[ -n "${GPU_CHECK_STEPS:-}" && " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+        echo "=== $name: not selected (GPU_CHECK_STEPS=$GPU_CHECK_STEPS)"
+        SUMMARY+=("| $name | not selected | 0 |")
+        return 0
+    fi
+    local left=$((BUDGET - (SECONDS - START) - reserve))
+    if ((left < limit)); then limit=$left; fi
+    if ((limit < 10)); then
+        echo "=== $name: skipped, budget spent"
+        SUMMARY+=("| $name | skipped (budget) | 0 |")
+        return 0
+    fi
+    echo
+    echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
+    local t0=$SECONDS
+    # bash -c: the steps are shell functions (exported below); timeout signals the whole group
+    timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@"
+    local rc=$?
+    local took=$((SECONDS - t0))
+    local what="rc=$rc"
+    if ((rc == 124 || rc == 137)); then what="TIMEOUT after ${limit}s"; fi
+    echo "=== $name: $what in ${took}s"
+    SUMMARY+=("| $name | $what | $took |")
+    return 0
+}
+
+env_info() {
+    date -u
+    uname -a
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv || true
+    command -v nvcc && nvcc --version | tail -2
+    "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton missing:", exc)
+for name in ("pytest", "pytest_benchmark", "xdist", "pytest_timeout", "scipy", "sklearn", "torch_fidelity"):
+    try:
+        mod = __import__(name)
+        print(name, getattr(mod, "__version__", "?"))
+    except Exception as exc:
+        print(name, "MISSING", type(exc).__name__)
+EOF
+}
+
+install_wheels() {
+    shopt -s nullglob
+    local wheels=("$ROOT"/.whl/*.whl)
+    if ((${#wheels[@]} == 0)); then
+        echo "no wheels in .whl/: nothing to install"
+        return 0
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
+}
+
+build_extension() {
+    # In place, so the tree itself is the package (PYTHONPATH=$ROOT); pip -e as a fallback.
+    export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+    "$PY" setup.py build_ext --inplace ||
+        "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . || return 1
+    "$PY" - <<'EOF'
+import varweight_kernels
+from varweight_kernels import backends
+import torch
+print("available backends:", varweight_kernels.available_backends())
+for name in backends.BACKEND_NAMES:
+    print(f"  {name}: cuda -> {backends.backend_reason(name, torch.device('cuda'))}; "
+          f"cpu -> {backends.backend_reason(name, torch.device('cpu'))}")
+missing = [b for b in ("cuda", "triton") if b not in varweight_kernels.available_backends()]
+raise SystemExit(f"not available on this GPU machine: {missing}" if missing else 0)
+EOF
+}
+
+run_tests() {
+    local xdist=()
+    if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n "${GPU_CHECK_XDIST:-8}"); fi
+    local timeout_opt=()
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then timeout_opt=(--timeout=90); fi
+    "$PY" -m pytest python_tests -q -rs -p no:cacheprovider --durations=15 "${xdist[@]}" "${timeout_opt[@]}" \
+        --junitxml="$OUT/tests.xml"
+}
+
+export ROOT OUT PY
+export -f env_info install_wheels build_extension run_tests
+
+bench_args=()
+if [[ "${GPU_CHECK_QUICK:-0}" != "0" ]]; then bench_args=(--quick); fi
+
+#    name      limit reserve (seconds kept for the later steps)
+step environment 30 460 env_info
+step wheels      30 450 install_wheels
+if [[ -d /tmp/site ]]; then export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
+step build      180 300 build_extension
+step tests      120 180 run_tests
+step bench_gpu  150  70 "$PY" benchmarks/bench_gpu.py --out "$OUT" "${bench_args[@]}"
+step overhead    80   0 "$PY" benchmarks/overhead.py --device cuda --out "$OUT"
+
+{
+    echo "# gpu_check.sh on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ($(date -u +%F))"
+    echo
+    echo "| step | result | seconds |"
+    echo "|---|---|---|"
+    printf '%s\n' "${SUMMARY[@]}"
+    echo
+    echo "total: $((SECONDS - START)) s of a ${BUDGET} s budget"
+} > "$OUT/summary.md"
+echo
+[[ -f "$OUT/bench_gpu.md" ]] && cat "$OUT/bench_gpu.md"
+[[ -f "$OUT/overhead.md" ]] && cat "$OUT/overhead.md"
+echo
+cat "$OUT/summary.md"
+exec 1>&- 2>&-
+wait "$TEE_PID" 2>/dev/null || true
