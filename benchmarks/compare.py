@@ -163,9 +163,13 @@ def make_runner(peer: str, batch: int, num_bins: int, device="cpu", seed: int = 
         def fwd():
             out = module(loss, lam)
             last["w"] = module.last_weights
+            last["out"] = out
             return out
 
     def bwd():
+        node = last["out"].grad_fn if "out" in last else None
+        if callable(node):  # a native (C++) backward node: call exactly what autograd runs
+            return node(grad_one, None)[0]
         return direct_backward(last["w"], grad_one, dtype)
 
     def grad():
@@ -395,7 +399,7 @@ def report(info, cells, goals, command: str) -> str:
         f"peers: {', '.join(info['peers'])}; available backends: {', '.join(info['backends'])}",
         "times: median of interleaved repeats, microseconds; ratios: eager reference time / peer time;",
         f"GB/s: {BYTES_PER_SAMPLE_FWD} B/sample (f32 loss + lam read, f32 weights written) / fwd+upd time;",
-        "bwd: the op's backward timed directly; xfixed: T(grad(vaw)) - T(grad((loss*w).mean())).",
+        "bwd: the op's backward node (what autograd runs for it) timed directly; xfixed: T(grad(vaw)) - T(grad((loss*w).mean())).",
         "",
         format_table(cells),
         "",

@@ -10,7 +10,12 @@
 //   update(moments, M, Q, Z, C, weight, step, nonfinite, params) -> ()       (state in place)
 //   step(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training) -> (out, w)
 //       the fused forward_moments + update (training) or forward only (eval).
+//   weighted_step(same arguments as step) -> (out, w)
+//       step with its autograd formula (d out / d loss = w / B) registered in C++, so an eager
+//       training step pays no Python autograd overhead. Its Autograd kernel calls `step`, which
+//       dispatches to the CPU or CUDA kernels.
 //   build_info() -> str   the torch version this library was compiled against.
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <string>
@@ -34,6 +39,49 @@ namespace {
 
 std::string build_info() { return std::string(varweight_build_marker); }
 
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class WeightedStep : public torch::autograd::Function<WeightedStep> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& loss, const at::Tensor& lam,
+                               const at::Tensor& M, const at::Tensor& Q, const at::Tensor& Z, const at::Tensor& C,
+                               const at::Tensor& weight, const at::Tensor& step, const at::Tensor& nonfinite,
+                               const std::vector<double>& params, bool training) {
+    static auto step_op = c10::Dispatcher::singleton()
+                              .findSchemaOrThrow("varweight_ext::step", "")
+                              .typed<std::tuple<at::Tensor, at::Tensor>(
+                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                  const at::Tensor&, at::ArrayRef<double>, bool)>();
+    auto result = step_op.call(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training);
+    const at::Tensor& w = std::get<1>(result);
+    ctx->save_for_backward({w});
+    ctx->saved_data["loss_dtype"] = static_cast<int64_t>(loss.scalar_type());
+    ctx->mark_non_differentiable({w});
+    return {std::get<0>(result), w};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor w = ctx->get_saved_variables()[0];
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["loss_dtype"].toInt());
+    at::Tensor grad_loss = grads[0].to(at::kFloat).mul(w).div_(static_cast<double>(w.numel())).to(dtype);
+    variable_list out(11);
+    out[0] = grad_loss;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> weighted_step_autograd(const at::Tensor& loss, const at::Tensor& lam,
+                                                          const at::Tensor& M, const at::Tensor& Q,
+                                                          const at::Tensor& Z, const at::Tensor& C,
+                                                          const at::Tensor& weight, const at::Tensor& step,
+                                                          const at::Tensor& nonfinite, c10::ArrayRef<double> params,
+                                                          bool training) {
+  auto outs = WeightedStep::apply(loss, lam, M, Q, Z, C, weight, step, nonfinite, params.vec(), training);
+  return {outs[0], outs[1]};
+}
+
 }  // namespace
 }  // namespace varweight
 
@@ -47,7 +95,14 @@ TORCH_LIBRARY(varweight_ext, m) {
   m.def(
       "step(Tensor loss, Tensor lam, Tensor(a!) M, Tensor(b!) Q, Tensor(c!) Z, Tensor(d!) C, Tensor(e!) weight, "
       "Tensor(f!) step, Tensor(g!) nonfinite, float[] params, bool training) -> (Tensor, Tensor)");
+  m.def(
+      "weighted_step(Tensor loss, Tensor lam, Tensor(a!) M, Tensor(b!) Q, Tensor(c!) Z, Tensor(d!) C, "
+      "Tensor(e!) weight, Tensor(f!) step, Tensor(g!) nonfinite, float[] params, bool training) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &varweight::build_info);
+}
+
+TORCH_LIBRARY_IMPL(varweight_ext, Autograd, m) {
+  m.impl("weighted_step", &varweight::weighted_step_autograd);
 }
 
 TORCH_LIBRARY_IMPL(varweight_ext, CPU, m) {

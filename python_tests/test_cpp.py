@@ -348,7 +348,7 @@ def test_no_jit_env_makes_backend_unavailable_with_reason():
         import torch
         from varweight_kernels import VarianceAwareWeighting, available_backends
         from varweight_kernels.backends import backend_reason
-        assert available_backends() == ["reference"], available_backends()
+        assert "cpp" not in available_backends() and "reference" in available_backends(), available_backends()
         reason = backend_reason("cpp", torch.device("cpu"))
         assert "VARWEIGHT_NO_JIT" in reason, reason
         try:

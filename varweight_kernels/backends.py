@@ -45,6 +45,11 @@ class Backend:
     def update(self, moments, M, Q, Z, C, weight, step, nonfinite, params: Sequence[float]) -> None:
         raise NotImplementedError
 
+    # Optional: the whole step as one op with its autograd formula registered natively (same
+    # signature and result as ``step``, but ``out`` carries the gradient). Eager calls use it to
+    # skip Python autograd; None means the step goes through ``ops.VAWFunction``.
+    differentiable_step: Optional[Callable] = None
+
     def step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params: Sequence[float], training: bool):
         """Whole step without distributed sync; backends override it with a fused path."""
         out, w, moments = self.forward_moments(loss, lam, weight, params[0], params[1], training)
@@ -66,12 +71,14 @@ class ReferenceBackend(Backend):
 
 _FACTORIES: Dict[str, Callable[[], Backend]] = {"reference": ReferenceBackend}
 _INSTANCES: Dict[str, Backend] = {}
+_RESOLVED: Dict[Tuple[str, torch.device, bool], Backend] = {}
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
     """Make a backend known to the registry (called by the backend modules on import)."""
     _FACTORIES[name] = factory
     _INSTANCES.pop(name, None)
+    _RESOLVED.clear()
 
 
 def _load_backend_module(name: str) -> None:
@@ -116,7 +123,13 @@ def available_backends() -> List[str]:
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
     """The backend to run for tensors on ``device``: auto's best pick, or the explicit one if it can run."""
-    device = torch.device(device)
+    key = (name, device, triton_interpret())  # the interpreter switch decides where triton runs
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve(name, torch.device(device))
+    return _RESOLVED[key]
+
+
+def _resolve(name: str, device: torch.device) -> Backend:
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("reference",)):
             if backend_reason(candidate, device) is None:

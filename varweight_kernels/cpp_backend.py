@@ -25,8 +25,9 @@ if EXTENSION.cpu_reason is None:
     _FORWARD_MOMENTS = _op("forward_moments")
     _UPDATE = _op("update")
     _STEP = _op("step")
+    _WEIGHTED_STEP = _op("weighted_step")
 else:
-    _FORWARD_MOMENTS = _UPDATE = _STEP = None
+    _FORWARD_MOMENTS = _UPDATE = _STEP = _WEIGHTED_STEP = None
 
 
 class _CompiledBackend(Backend):
@@ -39,6 +40,9 @@ class _CompiledBackend(Backend):
 
     def step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
         return _STEP(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training)
+
+    def differentiable_step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
+        return _WEIGHTED_STEP(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training)
 
 
 class CppBackend(_CompiledBackend):

@@ -53,22 +53,24 @@ class VarianceAwareWeighting(nn.Module):
     # -- the step ---------------------------------------------------------------------------
     def forward(self, loss: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         self._check_inputs(loss, lam)
-        state = [getattr(self, name) for name in STATE_NAMES]
-        out, w = vaw(loss, lam, state, self._params, training=self.training, sync=self.sync,
-                     backend=self.backend)
-        self.last_weights = w
+        buffers = self._buffers  # direct dict access: this runs every step and must stay cheap
+        out, w = vaw(loss, lam, [buffers[name] for name in STATE_NAMES], self._params, self.training, self.sync,
+                     self.backend)
+        self.__dict__["last_weights"] = w
         return out
 
     def _check_inputs(self, loss: torch.Tensor, lam: torch.Tensor) -> None:
         if not isinstance(loss, torch.Tensor) or not isinstance(lam, torch.Tensor):
             raise TypeError(f"loss and lam must be tensors, got {type(loss).__name__} and {type(lam).__name__}")
-        if loss.dim() != 1 or lam.dim() != 1 or loss.shape != lam.shape or loss.numel() == 0:
+        shape = loss.shape
+        if len(shape) != 1 or lam.shape != shape or shape[0] == 0:
             raise ValueError("loss and lam must be 1-D of the same length B >= 1, got shapes "
                              f"loss {tuple(loss.shape)} and lam {tuple(lam.shape)}")
-        for name, t in (("loss", loss), ("lam", lam)):
-            if not t.dtype.is_floating_point:
-                raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-        if loss.device != lam.device or loss.device != self.M.device:
+        if not (loss.dtype.is_floating_point and lam.dtype.is_floating_point):
+            bad, t = ("loss", loss) if not loss.dtype.is_floating_point else ("lam", lam)
+            raise TypeError(f"{bad} must have a floating dtype, got {t.dtype}")
+        device = loss.device
+        if lam.device != device or self._buffers["M"].device != device:
             raise RuntimeError(f"loss, lam and the VAW state must be on one device, got loss on {loss.device}, "
                                f"lam on {lam.device} and the state on {self.M.device}")
 

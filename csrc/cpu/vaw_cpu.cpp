@@ -49,40 +49,58 @@ inline double load_loss<double>(const double* p, int64_t i) {
 }
 
 // One chunk [begin, end): bin, gather the weight (table as before this batch), write w, accumulate
-// sum(w * L) and (TRAIN) the per-bin moments of the valid samples into acc.
+// sum(w * L) and (TRAIN) the per-bin moments of the valid samples into acc. The weighted sum uses
+// kLanes accumulators (sample i adds to lane i % kLanes, lanes summed in order at the end) so the
+// loop is not one long chain of dependent float64 adds; the order is still fixed.
+constexpr int64_t kLanes = 4;
+
+template <typename loss_t, typename lam_t, bool TRAIN>
+inline void pass_sample(const loss_t* __restrict__ loss, const lam_t* __restrict__ lam, const float* __restrict__ table,
+                        float* __restrict__ w_out, int64_t i, float lminf, float scalef, float kmaxf,
+                        double* __restrict__ acc, double& wsum, double& nonfinite) {
+  const float l = static_cast<float>(lam[i]);
+  const bool lam_nan = std::isnan(l);
+  // Precision contract: float32 subtract and multiply, floor, clamp to [0, K-1] in float (inf
+  // safe), then int. Clamping first and truncating is the same: floor is monotone and the
+  // bounds are integers, and truncation is floor on [0, K-1] (saves a libm call per sample).
+  float u = (l - lminf) * scalef;
+  u = u < 0.0f ? 0.0f : u;
+  u = u > kmaxf ? kmaxf : u;
+  const int64_t b = lam_nan ? 0 : static_cast<int64_t>(u);
+  const float wv = lam_nan ? 1.0f : table[b];
+  w_out[i] = wv;
+  const double L = load_loss(loss, i);
+  wsum += static_cast<double>(wv) * L;
+  if (TRAIN) {
+    if (!lam_nan && std::isfinite(L)) {
+      double* h = acc + 3 * b;
+      h[0] += 1.0;
+      h[1] += L;
+      h[2] += L * L;
+    } else {
+      nonfinite += 1.0;
+    }
+  }
+}
+
 template <typename loss_t, typename lam_t, bool TRAIN>
 void pass_chunk(const loss_t* __restrict__ loss, const lam_t* __restrict__ lam, const float* __restrict__ table,
                 float* __restrict__ w_out, int64_t begin, int64_t end, float lminf, float scalef, float kmaxf,
                 double* __restrict__ acc, int64_t K) {
-  double wsum = 0.0;
+  double wsum[kLanes] = {0.0, 0.0, 0.0, 0.0};
   double nonfinite = 0.0;
-  for (int64_t i = begin; i < end; ++i) {
-    const float l = static_cast<float>(lam[i]);
-    const bool lam_nan = std::isnan(l);
-    // Precision contract: float32 subtract and multiply, floor, clamp to [0, K-1] in float (inf
-    // safe), then int. Clamping first and truncating is the same: floor is monotone and the
-    // bounds are integers, and truncation is floor on [0, K-1] (saves a libm call per sample).
-    float u = (l - lminf) * scalef;
-    u = u < 0.0f ? 0.0f : u;
-    u = u > kmaxf ? kmaxf : u;
-    const int64_t b = lam_nan ? 0 : static_cast<int64_t>(u);
-    const float wv = lam_nan ? 1.0f : table[b];
-    w_out[i] = wv;
-    const double L = load_loss(loss, i);
-    wsum += static_cast<double>(wv) * L;
-    if (TRAIN) {
-      if (!lam_nan && std::isfinite(L)) {
-        double* h = acc + 3 * b;
-        h[0] += 1.0;
-        h[1] += L;
-        h[2] += L * L;
-      } else {
-        nonfinite += 1.0;
-      }
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      pass_sample<loss_t, lam_t, TRAIN>(loss, lam, table, w_out, i + j, lminf, scalef, kmaxf, acc, wsum[j],
+                                        nonfinite);
     }
   }
+  for (int64_t j = 0; i < end; ++i, ++j) {
+    pass_sample<loss_t, lam_t, TRAIN>(loss, lam, table, w_out, i, lminf, scalef, kmaxf, acc, wsum[j], nonfinite);
+  }
   acc[3 * K] += nonfinite;
-  acc[3 * K + 1] += wsum;
+  acc[3 * K + 1] += (wsum[0] + wsum[1]) + (wsum[2] + wsum[3]);
 }
 
 // Runs the pass over the whole batch; `result` (length 3K+2, interleaved layout) receives the sums.
