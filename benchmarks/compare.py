@@ -173,7 +173,14 @@ def make_runner(peer: str, batch: int, num_bins: int, device="cpu", seed: int = 
         return direct_backward(last["w"], grad_one, dtype)
 
     def grad():
-        return torch.autograd.grad(fwd(), loss)[0]
+        # autograd.grad frees this output's graph: keep bwd pointed at the previous, intact one.
+        previous = last.get("out")
+        result = torch.autograd.grad(fwd(), loss)[0]
+        if previous is None:
+            last.pop("out", None)
+        else:
+            last["out"] = previous
+        return result
 
     return Runner(peer, fwd, bwd, grad, module)
 
