@@ -7,7 +7,6 @@ every recoverable fault, --resume must finish with exactly the parameters of an 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import resource
 import shutil
@@ -24,34 +23,14 @@ from varweight_kernels.training import checkpoint as ck
 from varweight_kernels.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from varweight_kernels.training.config import TrainConfig
 from varweight_kernels.training.trainer import NONFINITE_ENV, TIMING_FIELDS, main, train
+from tiny_runs import ROOT, TINY, TINY_FLAGS, one_thread, subprocess_env  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(dataset="digits", channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(),
-            batch_size=16, lr=1e-3, ema_decay=0.9, log_every=2, ckpt_every=3, sample_steps=2, grid_size=4,
-            vaw_bins=8, vaw_min_count=2, quiet=True, weighting="vaw")
-TINY_FLAGS = ["--dataset", "digits", "--channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1",
-              "--attn-resolutions", "none", "--batch-size", "16", "--lr", "1e-3", "--ema-decay", "0.9",
-              "--log-every", "2", "--ckpt-every", "3", "--sample-steps", "2", "--grid-size", "4",
-              "--vaw-bins", "8", "--vaw-min-count", "2", "--quiet", "--weighting", "vaw"]
+TINY = {**TINY, "weighting": "vaw"}
+TINY_FLAGS = [*TINY_FLAGS, "--weighting", "vaw"]
 
 
 def tiny(out, **kw) -> TrainConfig:
     return TrainConfig(**{**TINY, "out": str(out), **kw})
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def subprocess_env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop(NONFINITE_ENV, None)
-    env.update(extra)
-    return env
 
 
 def cli(*args) -> list:
