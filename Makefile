@@ -20,7 +20,7 @@ install-test: $(VENV)/bin/python
 	$(PIP) install -q --no-build-isolation -e ".[train,test]" $(CONSTRAINTS)
 
 quickstart: install
-	$(PY) train_cifar.py --preset digits-smoke --out runs/quickstart --overwrite
+	$(PY) train_cifar.py --preset digits-smoke --weighting vaw --out runs/quickstart --overwrite
 
 test: install-test
 	$(PY) -m pytest python_tests -q
