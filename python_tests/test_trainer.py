@@ -282,3 +282,16 @@ def test_config_precedence_and_presets():
         trainer.parse_config(["--preset", name]).validate()
     cfg = trainer.parse_config(["--vaw-logsnr-range", "-10", "8", "--attn-resolutions", "--no-flip"])
     assert cfg.vaw_logsnr_range == (-10.0, 8.0) and cfg.attn_resolutions == () and cfg.flip is False
+
+
+def test_final_persample_analysis_is_written(tmp_path):
+    """The paper's variance analysis: per-sample (lam, loss) of the EMA model, from its own stream."""
+    train(tiny(tmp_path / "a", steps=2, analysis_batches=3))
+    train(tiny(tmp_path / "b", steps=2, analysis_batches=3, weighting="vaw"))
+    a = np.load(tmp_path / "a" / "persample.npz")
+    b = np.load(tmp_path / "b" / "persample.npz")
+    assert a["lam"].shape == a["loss"].shape == (3 * TINY["batch_size"],)
+    assert np.isfinite(a["loss"]).all() and (a["loss"] >= 0).all()
+    np.testing.assert_array_equal(a["lam"], b["lam"])  # same seed: same analysis noise levels
+    train(tiny(tmp_path / "c", steps=2, analysis_batches=0))
+    assert not (tmp_path / "c" / "persample.npz").exists()

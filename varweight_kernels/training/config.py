@@ -110,6 +110,9 @@ class TrainConfig:
     rho: float = field(default=7.0, metadata={"help": "Karras schedule rho"})
     sample_every: int = field(default=0, metadata={"help": "write a sample grid every N steps (0: only at the end)"})
     grid_size: int = field(default=64, metadata={"help": "images in a sample grid"})
+    analysis_batches: int = field(default=200, metadata={
+        "help": "at the end, save the unweighted per-sample (lam, loss) of the EMA model over N batches "
+                "to persample.npz (the paper's 200-batch variance analysis; 0: off)"})
     fid_every: int = field(default=0, metadata={"help": "FID (or the digits metric) every N steps (0: never)"})
     fid_samples: int = field(default=5000, metadata={"help": "samples per FID evaluation"})
     fid_weights: str = field(default="", metadata={"help": "local Inception weights file for FID"})
@@ -191,7 +194,7 @@ class TrainConfig:
                      "ddpm_timesteps", "edm2_channels"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_warmup", "sample_every", "fid_every", "vaw_min_count", "vaw_warmup", "vaw_ramp"):
+        for name in ("lr_warmup", "sample_every", "analysis_batches", "fid_every", "vaw_min_count", "vaw_warmup", "vaw_ramp"):
             if getattr(self, name) < 0:
                 bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.keep_ckpts < 2:
@@ -278,7 +281,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 RESUME_MUTABLE = frozenset({
     "preset", "out", "resume", "overwrite", "device", "quiet", "compile", "amp", "data_root", "download",
     "steps", "log_every", "ckpt_every", "keep_ckpts", "max_nonfinite", "backend", "sampler", "sample_steps",
-    "rho", "sample_every", "grid_size", "fid_every", "fid_samples", "fid_weights", "sample_only", "num_samples",
+    "rho", "sample_every", "grid_size", "analysis_batches", "fid_every", "fid_samples", "fid_weights", "sample_only", "num_samples",
 })
 
 

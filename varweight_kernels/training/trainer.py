@@ -59,7 +59,7 @@ RNG_STREAMS = ("init", "data", "levels", "noise", "sample", "weighting")
 TIMING_FIELDS = ("images_per_s", "elapsed_s")
 _LOG_FIELDS = ("loss", "weighted_loss", "lr", "grad_norm", "images_per_s", "elapsed_s", "nonfinite", "skipped_steps",
                "nonfinite_samples", "epoch", "vaw_weight_min", "vaw_weight_max", "final")
-RUN_FILES = ("config.json", "metrics.jsonl", "binstats.npz", "DONE", "samples.npz", "samples.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "binstats.npz", "persample.npz", "DONE", "samples.npz", "samples.png")
 # Test hook: from this step on, every per-sample loss is NaN (to exercise --max-nonfinite).
 NONFINITE_ENV = "VARWEIGHT_TEST_NONFINITE_FROM"
 
@@ -422,6 +422,31 @@ def generate_distributed(cfg, formulation, net, n, shape, device, d: DistInfo, a
     return torch.cat([p.cpu() for p in parts])[:n] if d.main else None
 
 
+def save_persample(cfg: TrainConfig, formulation, net: torch.nn.Module, images: torch.Tensor,
+                   device: torch.device, autocast, path: str) -> None:
+    """The paper's variance analysis: unweighted per-sample losses of the trained (EMA) model on
+    ``cfg.analysis_batches`` batches at the default noise levels, from a stream of its own."""
+    from .data import to_model_range
+    from .rng import derive_seed
+
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "analysis", 0))
+    lams, losses = [], []
+    net.eval()
+    with torch.no_grad():
+        for _ in range(cfg.analysis_batches):
+            idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
+            x0 = to_model_range(images[idx]).to(device)
+            level = formulation.sample_levels(cfg.batch_size, g, device)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            with autocast():
+                terms = formulation.loss(net, x0, level, noise)
+            lams.append(formulation.logsnr(level).float().cpu())
+            losses.append(terms.loss.detach().float().cpu())
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, lam=torch.cat(lams).numpy(), loss=torch.cat(losses).numpy())
+    os.replace(tmp, path)
+
+
 def save_grid(images: torch.Tensor, path: str) -> None:
     """A square PNG grid of uint8 (N, C, H, W) images (upscaled to >= 32 px), written atomically."""
     n, c, h, w = images.shape
@@ -745,6 +770,8 @@ def train(cfg: TrainConfig, hooks: Optional[Dict[str, Callable]] = None) -> Dict
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", 0))
         grid = generate(cfg, formulation, ema.module, cfg.grid_size, shape, device, g, autocast=autocast)
         save_grid(grid, os.path.join(out, f"samples_step{step:08d}.png"))
+        if cfg.analysis_batches:
+            save_persample(cfg, formulation, ema.module, images, device, autocast, os.path.join(out, "persample.npz"))
         with open(os.path.join(out, "DONE"), "w") as fh:
             fh.write(f"step {step}\n")
     log.close()
