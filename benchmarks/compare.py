@@ -86,9 +86,7 @@ class _CompiledReferenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_w):
-        (w,) = ctx.saved_tensors
-        grad = (grad_out.to(torch.float32) * w / w.numel()).to(ctx.loss_dtype)
-        return grad, None, None, None, None
+        return VAWFunction.backward(ctx, grad_out, grad_w)[0], None, None, None, None
 
 
 def _raise_recompile_limit(limit: int = 256) -> None:
