@@ -9,6 +9,7 @@ from torch import nn
 from .backends import BACKEND_NAMES, available_backends, machine_reason, resolve_backend
 from .config import VAWConfig
 from .ops import STATE_NAMES, vaw
+from .reference import bin_mean_var
 
 STATE_FORMAT_VERSION = 1
 STATISTIC_BUFFERS = ("M", "Q", "Z", "C", "weight")
@@ -98,11 +99,7 @@ class VarianceAwareWeighting(nn.Module):
     def stats(self) -> Dict[str, torch.Tensor]:
         """Bin edges and per-bin mean, variance, count and weight, as CPU tensors."""
         lmin, lmax = self.config.logsnr_range
-        z = self.Z.double().cpu()
-        has = z > 0
-        safe = torch.where(has, z, torch.ones_like(z))
-        mean = torch.where(has, self.M.double().cpu() / safe, torch.zeros_like(z))
-        var = torch.where(has, (self.Q.double().cpu() / safe - mean * mean).clamp_min(0), torch.zeros_like(z))
+        mean, var = bin_mean_var(self.M.cpu(), self.Q.cpu(), self.Z.cpu())
         return {
             "bin_edges": torch.linspace(lmin, lmax, self.config.num_bins + 1, dtype=torch.float64),
             "mean": mean, "var": var, "count": self.C.detach().cpu().clone(),

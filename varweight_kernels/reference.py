@@ -61,15 +61,21 @@ def forward_moments(loss: torch.Tensor, lam: torch.Tensor, weight: torch.Tensor,
     return out, w, torch.cat([moments.reshape(-1), nonfinite])
 
 
-def weight_table(M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor, C: torch.Tensor, step: torch.Tensor,
-                 params: Sequence[float]) -> torch.Tensor:
-    """SPEC step 7 in float64: the weight table for the next batch (float32)."""
-    _, _, _, power, eps, min_count, wmin, wmax, warmup, ramp = params
+def bin_mean_var(M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Bias-corrected per-bin mean and variance in float64 (bins with Z = 0: both 0)."""
     m, q, z = M.double(), Q.double(), Z.double()
     has_data = z > 0
     safe_z = torch.where(has_data, z, torch.ones_like(z))
     mu = torch.where(has_data, m / safe_z, torch.zeros_like(z))
     var = torch.where(has_data, (q / safe_z - mu * mu).clamp_min(0.0), torch.zeros_like(z))
+    return mu, var
+
+
+def weight_table(M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor, C: torch.Tensor, step: torch.Tensor,
+                 params: Sequence[float]) -> torch.Tensor:
+    """SPEC step 7 in float64: the weight table for the next batch (float32)."""
+    _, _, _, power, eps, min_count, wmin, wmax, warmup, ramp = params
+    _, var = bin_mean_var(M, Q, Z)
     raw = torch.pow(var + eps, -power / 2.0).clamp_max(RAW_WEIGHT_CAP)
     ready = C >= min_count
     ready_count = torch.where(ready, C, torch.zeros_like(C))

@@ -111,14 +111,17 @@ def _read_persample(run_dir: Path) -> Optional[Dict[str, np.ndarray]]:
     return {"lam": np.concatenate(lams), "loss": np.concatenate(losses)}
 
 
+def _read_json(path: Path) -> Dict:
+    """A JSON object from ``path``; {} when the file is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def load_runs(exp: Path) -> Tuple[List[Run], Dict]:
     exp = Path(exp)
-    meta = {}
-    if (exp / "experiment.json").exists():
-        try:
-            meta = json.loads((exp / "experiment.json").read_text())
-        except ValueError:
-            meta = {}
+    meta = _read_json(exp / "experiment.json")
     variants = meta.get("variants", {})
     runs = []
     root = exp / "runs"
@@ -131,12 +134,7 @@ def load_runs(exp: Path) -> Tuple[List[Run], Dict]:
             m = re.fullmatch(r"seed(-?\d+)", seed_dir.name)
             if not m:
                 continue
-            cfg = {}
-            if (seed_dir / "config.json").exists():
-                try:
-                    cfg = json.loads((seed_dir / "config.json").read_text())
-                except ValueError:
-                    cfg = {}
+            cfg = _read_json(seed_dir / "config.json")
             runs.append(Run(label=label, method=method, seed=int(m.group(1)), path=seed_dir,
                             done=(seed_dir / "DONE").exists(), records=_read_jsonl(seed_dir / "metrics.jsonl"),
                             config=cfg, binstats=_read_npz(seed_dir / "binstats.npz"),
