@@ -12,7 +12,8 @@ Peers per shape (shared/BENCHMARKING.md): every backend that runs on CUDA tensor
 
 * ``fwd+upd``: ``out = vaw(loss, lam)`` in training mode, loss requires grad.
 * ``bwd``: the op's backward (``grad * w / B``) timed directly.
-* ``step`` = fwd+upd + bwd. Times: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed
+* ``step`` = fwd+upd + bwd; ``whole step``: ``autograd.grad(vaw(loss, lam), loss)`` timed as one
+  call (for ``graph(<name>)`` the whole step captured as ONE graph and replayed). Times: ``triton.testing.do_bench`` medians (CUDA events, L2 flushed
   before each call), so they are device time; ``wall`` is the host's clock over back-to-back
   calls (it shows launch overhead for small B).
 * Bytes: fwd+upd 12 B/sample (f32 loss + lam read, f32 weight written), bwd 8 B/sample (weight
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -92,8 +94,7 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 31) -> float:
     """Device-to-device copy, bytes read plus bytes written over the median time."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
     dst = torch.empty_like(src)
-    us = bench(lambda: dst.copy_(src), 25, 200)
-    del src, dst
+    us = bench(functools.partial(dst.copy_, src), 25, 200)
     return 2 * nbytes / (us * 1e3)
 
 
@@ -174,9 +175,11 @@ def measure_shape(batch: int, num_bins: int, backends: List[str], include_compil
                 runner.fwd()
                 runner.bwd()
             torch.cuda.synchronize()
+            g_step = None
             if graphed:
                 g_fwd = capture(runner.fwd)
                 g_bwd = capture(runner.bwd)
+                g_step = capture(runner.grad)  # the whole step (forward, update, backward) as one graph
                 fwd, bwd = g_fwd.replay, g_bwd.replay
             else:
                 fwd, bwd = runner.fwd, runner.bwd
@@ -184,6 +187,7 @@ def measure_shape(batch: int, num_bins: int, backends: List[str], include_compil
             row["fwd_us"] = bench(fwd, warmup_ms, rep_ms)
             row["bwd_us"] = bench(bwd, warmup_ms, rep_ms)
             row["step_us"] = row["fwd_us"] + row["bwd_us"]
+            row["grad_us"] = bench(g_step.replay if graphed else runner.grad, warmup_ms, rep_ms)
             row["fwd_wall_us"] = wall_us(fwd)
             row["fwd_gbs"] = BYTES_FWD * batch / (row["fwd_us"] * 1e3)
             row["step_gbs"] = (BYTES_FWD + BYTES_BWD) * batch / (row["step_us"] * 1e3)
@@ -199,7 +203,7 @@ def measure_shape(batch: int, num_bins: int, backends: List[str], include_compil
                 rows.append(row)
                 raise
         rows.append(row)
-        runner = fwd = bwd = g_fwd = g_bwd = None  # noqa: F841
+        runner = fwd = bwd = g_fwd = g_bwd = g_step = None  # noqa: F841
         gc.collect()
         torch.cuda.empty_cache()
     eager = next((r for r in rows if r["peer"] == "reference" and r.get("error") is None), None)
@@ -208,6 +212,56 @@ def measure_shape(batch: int, num_bins: int, backends: List[str], include_compil
             r["speedup_step"] = eager["step_us"] / r["step_us"]
             r["speedup_fwd"] = eager["fwd_us"] / r["fwd_us"]
     return rows
+
+
+# Kernel-1 geometries of the Triton backend tried by --sweep: (BLOCK_B, bin tile cap, program cap, warps).
+SWEEP_GEOMETRIES = ((32, 64, 512, 4), (64, 64, 512, 4), (32, 64, 1056, 4), (32, 64, 264, 4), (16, 64, 1056, 4),
+                    (32, 32, 1056, 4), (64, 32, 1056, 8), (128, 16, 1056, 8), (32, 64, 512, 8), (64, 64, 1056, 8),
+                    (16, 128, 1056, 4), (128, 64, 528, 8))
+SWEEP_SHAPES = ((1 << 16, 64), (1 << 24, 64), (1 << 24, 1024))
+
+
+def sweep_triton(warmup_ms: float, rep_ms: float, log=print) -> List[Dict[str, object]]:
+    """Time the Triton forward (raw backend step) under each kernel-1 geometry; outputs are
+    compared with the default geometry's (they must agree to rounding: same sums, another tree)."""
+    from varweight_kernels import triton_vaw as tv
+    saved = (dict(tv.BLOCK_B_TRAIN), dict(tv.MAX_BIN_TILE), dict(tv.MAX_PROGRAMS), tv.PASS_NUM_WARPS)
+    rows: List[Dict[str, object]] = []
+    try:
+        for batch, num_bins in SWEEP_SHAPES:
+            baseline = None
+            for geometry in SWEEP_GEOMETRIES:
+                tv.BLOCK_B_TRAIN[False], tv.MAX_BIN_TILE[False], tv.MAX_PROGRAMS[False], tv.PASS_NUM_WARPS = geometry
+                row: Dict[str, object] = {"batch": batch, "bins": num_bins, "geometry": geometry,
+                                          "launch": tv.launch_geometry(batch, num_bins, True, False)}
+                try:
+                    runner = compare.make_runner("raw:triton", batch, num_bins, device="cuda")
+                    runner.fwd()
+                    state = torch.cat([runner.module.M, runner.module.Q, runner.module.weight])
+                    if baseline is None:
+                        baseline = state
+                    row["max_rel_diff"] = float(((state - baseline).abs() / baseline.abs().clamp_min(1e-30)).max())
+                    row["fwd_us"] = bench(runner.fwd, warmup_ms, rep_ms)
+                    row["fwd_gbs"] = BYTES_FWD * batch / (row["fwd_us"] * 1e3)
+                except Exception as exc:  # noqa: BLE001
+                    row["error"] = _short(exc)
+                rows.append(row)
+                log(f"sweep {row}")
+    finally:
+        (tv.BLOCK_B_TRAIN[False], tv.MAX_BIN_TILE[False], tv.MAX_PROGRAMS[False]) = (
+            saved[0][False], saved[1][False], saved[2][False])
+        tv.PASS_NUM_WARPS = saved[3]
+    return rows
+
+
+def sweep_markdown(rows: List[Dict[str, object]]) -> str:
+    lines = ["", "Triton kernel-1 geometry sweep (raw forward+update, do_bench median):", "",
+             "| B | K | BLOCK_B, bin tile, program cap, warps | programs, blocks/program, block_b, tiles, block_k "
+             "| fwd+upd us | GB/s | max rel diff of M, Q, weight table vs the first geometry |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['bins']} | {r['geometry']} | {r['launch']} | {_f(r.get('fwd_us'))} "
+                     f"| {_f(r.get('fwd_gbs'))} | {r.get('max_rel_diff', r.get('error'))} |")
+    return "\n".join(lines)
 
 
 def _f(x, digits=1):
@@ -228,18 +282,18 @@ def markdown(info: Dict[str, object], rows: List[Dict[str, object]], checks: Lis
         "times: do_bench medians in us (CUDA events, L2 flushed); fwd wall: host clock, back-to-back calls;",
         f"bytes: fwd+upd {BYTES_FWD} B/sample, step {BYTES_FWD + BYTES_BWD} B/sample; x eager = reference time / time",
         "",
-        "| B | K | peer | fwd+upd us | bwd us | step us | fwd wall us | step x eager | step GB/s | step %peak "
-        "| fwd+upd GB/s | fwd %peak |",
-        "|" + "---|" * 12,
+        "| B | K | peer | fwd+upd us | bwd us | step us | whole step us | fwd wall us | step x eager | step GB/s "
+        "| step %peak | fwd+upd GB/s | fwd %peak |",
+        "|" + "---|" * 13,
     ]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['batch']} | {r['bins']} | {r['peer']} | failed: {r['error'][:80]} |" + " |" * 8)
+            lines.append(f"| {r['batch']} | {r['bins']} | {r['peer']} | failed: {r['error'][:80]} |" + " |" * 9)
             continue
         pct = (lambda g: None if not peak else 100.0 * g / peak)
         lines.append(
             f"| {r['batch']} | {r['bins']} | {r['peer']} | {_f(r['fwd_us'])} | {_f(r['bwd_us'])} | {_f(r['step_us'])} "
-            f"| {_f(r['fwd_wall_us'])} | {_f(r.get('speedup_step'), 2)} | {_f(r['step_gbs'])} "
+            f"| {_f(r.get('grad_us'))} | {_f(r['fwd_wall_us'])} | {_f(r.get('speedup_step'), 2)} | {_f(r['step_gbs'])} "
             f"| {_f(pct(r['step_gbs']), 2)} | {_f(r['fwd_gbs'])} | {_f(pct(r['fwd_gbs']), 2)} |")
     lines += ["", "| backend | sync-free eager step | capturable whole step | graph replay step us | note |",
               "|---|---|---|---|---|"]
@@ -260,6 +314,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=50.0)
+    parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel-1 geometries of SWEEP_GEOMETRIES")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -294,6 +349,10 @@ def main(argv=None) -> int:
     for b in backends:
         checks.append(check_backend(b, 1 << 20, 64))
         log(f"check {b}: {checks[-1]}")
+    sweep: List[Dict[str, object]] = []
+    if args.sweep and "triton" in backends:
+        sweep = sweep_triton(args.warmup_ms, args.rep_ms, log)
+        (out / "bench_gpu_sweep.md").write_text(sweep_markdown(sweep) + "\n")
     rows: List[Dict[str, object]] = []
     for num_bins in bins:
         for batch in batches:
@@ -301,9 +360,10 @@ def main(argv=None) -> int:
             rows.extend(measure_shape(batch, num_bins, backends, not args.no_compile, args.warmup_ms, args.rep_ms, log))
             log(f"B={batch} K={num_bins} done in {time.perf_counter() - t0:.1f} s")
             # write as we go: a timeout later still leaves what was measured
-            (out / "bench_gpu.json").write_text(json.dumps({"info": info, "rows": rows, "checks": checks}, indent=1))
+            (out / "bench_gpu.json").write_text(json.dumps({"info": info, "rows": rows, "checks": checks, "sweep": sweep},
+                                                            indent=1, default=str))
             (out / "bench_gpu.md").write_text(markdown(info, rows, checks) + "\n")
-    print(markdown(info, rows, checks))
+    print(markdown(info, rows, checks) + (sweep_markdown(sweep) if sweep else ""))
     return 0
 
 

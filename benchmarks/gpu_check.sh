@@ -5,7 +5,8 @@
 #   3. in-place build of the extension with CUDA (FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0)
 #   4. the test suite (python_tests) with the GPU visible, so the CUDA tests run
 #   5. benchmarks/bench_gpu.py (backends, CUDA-graph replay, peers, sync/capture checks)
-#   6. benchmarks/overhead.py on the GPU (training step, uniform vs vaw)
+#   6. a short CUDA run of the trainer (train, resume, --compile)
+#   7. benchmarks/overhead.py on the GPU (training step, uniform vs vaw)
 # Every step has its own time limit and the script carries on after a failing step; all
 # output is tee'd to $OUT/gpu_check.log and a summary is printed last and saved as
 # $OUT/summary.md. $OUT defaults to ./gpu_results.
@@ -13,7 +14,8 @@
 # From the device tool (the .whl folder holds torch-fidelity for the evaluation tests):
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # Budget knobs: GPU_CHECK_BUDGET (seconds for the whole script, default 500), GPU_CHECK_QUICK=1
-# (smaller benchmark grid), GPU_CHECK_XDIST (pytest workers, default 8), PYTHON (default python3),
+# (smaller benchmark grid), GPU_CHECK_XDIST (pytest workers, default 8), GPU_CHECK_TESTS (pytest -k
+# expression, default "cuda or gpu"; empty runs the whole suite), PYTHON (default python3),
 # GPU_CHECK_STEPS (run only these steps, e.g. "environment build bench_gpu" for a rerun).
 set -uo pipefail  # no -e: a failing step is recorded and the next one still runs
 
@@ -120,24 +122,40 @@ run_tests() {
     if "$PY" -c "import xdist" 2>/dev/null; then xdist=(-n "${GPU_CHECK_XDIST:-8}"); fi
     local timeout_opt=()
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then timeout_opt=(--timeout=90); fi
+    # The CPU tests run in CI; here the ones that need the GPU (GPU_CHECK_TESTS="" runs all).
     "$PY" -m pytest python_tests -q -rs -p no:cacheprovider --durations=15 "${xdist[@]}" "${timeout_opt[@]}" \
-        --junitxml="$OUT/tests.xml"
+        -k "${GPU_CHECK_TESTS-cuda or gpu}" --junitxml="$OUT/tests.xml"
+}
+
+trainer_smoke() {
+    # The trainer's CUDA paths (bf16 autocast, the auto backend, checkpoints, resume, --compile).
+    local run=/tmp/varweight-gpu-run
+    rm -rf "$run" "$run-compiled"
+    "$PY" train_cifar.py --preset digits-smoke --weighting vaw --device cuda --out "$run" --quiet --steps 10 --analysis-batches 4 &&
+        "$PY" train_cifar.py --preset digits-smoke --weighting vaw --device cuda --out "$run" --quiet --resume --steps 20 \
+            --analysis-batches 4 &&
+        ls "$run" && tail -n 2 "$run/metrics.jsonl" &&
+        "$PY" train_cifar.py --preset digits-smoke --weighting vaw --device cuda --out "$run-compiled" --quiet --compile --steps 10 \
+            --analysis-batches 4 && tail -n 1 "$run-compiled/metrics.jsonl"
 }
 
 export ROOT OUT PY
-export -f env_info install_wheels build_extension run_tests
+export -f env_info install_wheels build_extension run_tests trainer_smoke
 
-bench_args=()
-if [[ "${GPU_CHECK_QUICK:-0}" != "0" ]]; then bench_args=(--quick); fi
+bench_args=(--sweep)
+if [[ "${GPU_CHECK_QUICK:-0}" != "0" ]]; then
+    bench_args=(--sweep --batches 1024 65536 16777216 --bins 64 1024 --rep-ms 30)
+fi
 
 #    name      limit reserve (seconds kept for the later steps)
-step environment 30 460 env_info
-step wheels      30 450 install_wheels
+step environment 30 440 env_info
+step wheels      30 430 install_wheels
 if [[ -d /tmp/site ]]; then export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
-step build      180 300 build_extension
-step tests      120 180 run_tests
-step bench_gpu  150  70 "$PY" benchmarks/bench_gpu.py --out "$OUT" "${bench_args[@]}"
-step overhead    80   0 "$PY" benchmarks/overhead.py --device cuda --out "$OUT"
+step build      180 290 build_extension
+step tests      120 170 run_tests
+step bench_gpu  200  90 "$PY" benchmarks/bench_gpu.py --out "$OUT" "${bench_args[@]}"
+step trainer     60  40 trainer_smoke
+step overhead    60   0 "$PY" benchmarks/overhead.py --device cuda --out "$OUT"
 
 {
     echo "# gpu_check.sh on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ($(date -u +%F))"

@@ -44,6 +44,7 @@ MAX_PROGRAMS = {False: 512, True: 16}
 BLOCK_B_EVAL = 1024   # eval only gathers weights, so a program takes wide blocks
 FINAL_TILE = {False: 2048, True: 65536}  # elements of one (partial rows x bins) tile of the finalise kernel
 FINAL_BIN_TILE = {False: 256, True: 4096}
+PASS_NUM_WARPS = 4  # warps of a kernel-1 program (compiled)
 
 
 def launch_geometry(batch: int, num_bins: int, training: bool, interpret: bool) -> Tuple[int, int, int, int, int]:
@@ -307,7 +308,7 @@ class TritonBackend(Backend):
         w = torch.empty(batch, dtype=torch.float32, device=loss.device)
         _bin_partials_kernel[(programs, tiles)](
             loss, lam, weight, w, parts, scalars, batch, per_program, stride, num_bins, ACC=_acc_dtype(loss),
-            TRAINING=training, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False)
+            TRAINING=training, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=PASS_NUM_WARPS, enable_fp_fusion=False)
         return w, parts, programs, stride
 
     @staticmethod
