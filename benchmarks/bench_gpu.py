@@ -28,6 +28,7 @@ Checks per backend (reported, never fatal): ``sync-free`` (a whole eager step, f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
@@ -98,9 +99,10 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 31) -> float:
     return 2 * nbytes / (us * 1e3)
 
 
-def capture(fn: Callable[[], object], warm: int = 3) -> torch.cuda.CUDAGraph:
-    """Warm ``fn`` up on a side stream, then capture one call of it."""
-    stream = torch.cuda.Stream()
+def capture(fn: Callable[[], object], warm: int = 3, stream: Optional[torch.cuda.Stream] = None) -> torch.cuda.CUDAGraph:
+    """Warm ``fn`` up on a side stream, then capture one call of it on that stream (autograd's
+    nodes, AccumulateGrad included, must live on the stream the capture runs on)."""
+    stream = stream or torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warm):
@@ -108,7 +110,7 @@ def capture(fn: Callable[[], object], warm: int = 3) -> torch.cuda.CUDAGraph:
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         fn()
     torch.cuda.synchronize()
     return graph
@@ -170,16 +172,20 @@ def measure_shape(batch: int, num_bins: int, backends: List[str], include_compil
         row: Dict[str, object] = {"batch": batch, "bins": num_bins, "peer": peer}
         try:
             t0 = time.perf_counter()
-            runner = compare.make_runner(name, batch, num_bins, device="cuda", dynamic=True)
-            for _ in range(3):
-                runner.fwd()
-                runner.bwd()
+            # A graphed peer lives on one side stream from its first call: warm-up and capture.
+            side = torch.cuda.Stream() if graphed else None
+            side_ctx = torch.cuda.stream(side) if graphed else contextlib.nullcontext()
+            with side_ctx:
+                runner = compare.make_runner(name, batch, num_bins, device="cuda", dynamic=True)
+                for _ in range(3):
+                    runner.fwd()
+                    runner.bwd()
             torch.cuda.synchronize()
             g_step = None
             if graphed:
-                g_fwd = capture(runner.fwd)
-                g_bwd = capture(runner.bwd)
-                g_step = capture(runner.grad)  # the whole step (forward, update, backward) as one graph
+                g_fwd = capture(runner.fwd, stream=side)
+                g_bwd = capture(runner.bwd, stream=side)
+                g_step = capture(runner.grad, stream=side)  # the whole step (forward, update, backward) as one graph
                 fwd, bwd = g_fwd.replay, g_bwd.replay
             else:
                 fwd, bwd = runner.fwd, runner.bwd
@@ -215,23 +221,21 @@ def measure_shape(batch: int, num_bins: int, backends: List[str], include_compil
 
 
 # Kernel-1 geometries of the Triton backend tried by --sweep: (BLOCK_B, bin tile cap, program cap, warps).
-SWEEP_GEOMETRIES = ((32, 64, 512, 4), (64, 64, 512, 4), (32, 64, 1056, 4), (32, 64, 264, 4), (16, 64, 1056, 4),
-                    (32, 32, 1056, 4), (64, 32, 1056, 8), (128, 16, 1056, 8), (32, 64, 512, 8), (64, 64, 1056, 8),
-                    (16, 128, 1056, 4), (128, 64, 528, 8))
+SWEEP_GEOMETRIES = ((16, 64, 1056, 4), (128, 16, 1056, 8), (8, 64, 2112, 4), (16, 64, 2112, 4),
+                    (16, 32, 2112, 4), (256, 16, 1056, 8), (128, 16, 2112, 8), (64, 16, 2112, 4), (32, 64, 512, 4))
 SWEEP_SHAPES = ((1 << 16, 64), (1 << 24, 64), (1 << 24, 1024))
 
 
 def sweep_triton(warmup_ms: float, rep_ms: float, log=print) -> List[Dict[str, object]]:
-    """Time the Triton forward (raw backend step) under each kernel-1 geometry; outputs are
-    compared with the default geometry's (they must agree to rounding: same sums, another tree)."""
+    """Time the Triton forward (raw backend step) under each kernel-1 geometry; the state must
+    agree with the first geometry's to rounding (same sums, another tree)."""
     from varweight_kernels import triton_vaw as tv
-    saved = (dict(tv.BLOCK_B_TRAIN), dict(tv.MAX_BIN_TILE), dict(tv.MAX_PROGRAMS), tv.PASS_NUM_WARPS)
     rows: List[Dict[str, object]] = []
     try:
         for batch, num_bins in SWEEP_SHAPES:
             baseline = None
             for geometry in SWEEP_GEOMETRIES:
-                tv.BLOCK_B_TRAIN[False], tv.MAX_BIN_TILE[False], tv.MAX_PROGRAMS[False], tv.PASS_NUM_WARPS = geometry
+                tv.GEOMETRY_OVERRIDE = tv.Geometry(*geometry)
                 row: Dict[str, object] = {"batch": batch, "bins": num_bins, "geometry": geometry,
                                           "launch": tv.launch_geometry(batch, num_bins, True, False)}
                 try:
@@ -248,9 +252,7 @@ def sweep_triton(warmup_ms: float, rep_ms: float, log=print) -> List[Dict[str, o
                 rows.append(row)
                 log(f"sweep {row}")
     finally:
-        (tv.BLOCK_B_TRAIN[False], tv.MAX_BIN_TILE[False], tv.MAX_PROGRAMS[False]) = (
-            saved[0][False], saved[1][False], saved[2][False])
-        tv.PASS_NUM_WARPS = saved[3]
+        tv.GEOMETRY_OVERRIDE = None
     return rows
 
 

@@ -5,8 +5,8 @@
 #   3. in-place build of the extension with CUDA (FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0)
 #   4. the test suite (python_tests) with the GPU visible, so the CUDA tests run
 #   5. benchmarks/bench_gpu.py (backends, CUDA-graph replay, peers, sync/capture checks)
-#   6. a short CUDA run of the trainer (train, resume, --compile)
-#   7. benchmarks/overhead.py on the GPU (training step, uniform vs vaw)
+#   6. benchmarks/overhead.py on the GPU (training step, uniform vs vaw)
+#   7. a short CUDA run of the trainer (train, resume, --compile)
 # Every step has its own time limit and the script carries on after a failing step; all
 # output is tee'd to $OUT/gpu_check.log and a summary is printed last and saved as
 # $OUT/summary.md. $OUT defaults to ./gpu_results.
@@ -45,6 +45,7 @@ step() {
         SUMMARY+=("| $name | not selected | 0 |")
         return 0
     fi
+    reserve=$((reserve * BUDGET / 500))  # the reserves below are sized for the default 500 s budget
     local left=$((BUDGET - (SECONDS - START) - reserve))
     if ((left < limit)); then limit=$left; fi
     if ((limit < 10)); then
@@ -112,6 +113,13 @@ print("available backends:", varweight_kernels.available_backends())
 for name in backends.BACKEND_NAMES:
     print(f"  {name}: cuda -> {backends.backend_reason(name, torch.device('cuda'))}; "
           f"cpu -> {backends.backend_reason(name, torch.device('cpu'))}")
+from varweight_kernels import _ext
+import glob, re
+for lib in sorted(glob.glob("varweight_kernels/*.so")):
+    data = open(lib, "rb").read()
+    hits = [data[m.start():m.start() + 60] for m in re.finditer(_ext.MARKER_PREFIX, data)]
+    print(f"{lib}: marker {_ext.read_marker(lib)!r}; prefix found {len(hits)}x: {hits[:3]}")
+print("extension status:", _ext._STATUS)
 missing = [b for b in ("cuda", "triton") if b not in varweight_kernels.available_backends()]
 raise SystemExit(f"not available on this GPU machine: {missing}" if missing else 0)
 EOF
@@ -144,18 +152,18 @@ export -f env_info install_wheels build_extension run_tests trainer_smoke
 
 bench_args=(--sweep)
 if [[ "${GPU_CHECK_QUICK:-0}" != "0" ]]; then
-    bench_args=(--sweep --batches 1024 65536 16777216 --bins 64 1024 --rep-ms 30)
+    bench_args=(--sweep --batches 1024 65536 1048576 16777216 67108864 --bins 64 1024 --rep-ms 30)
 fi
 
-#    name      limit reserve (seconds kept for the later steps)
-step environment 30 440 env_info
-step wheels      30 430 install_wheels
+#    name      limit reserve (seconds kept for the later steps, for a 500 s budget)
+step environment 30 470 env_info
+step wheels      30 460 install_wheels
 if [[ -d /tmp/site ]]; then export PYTHONPATH="$PYTHONPATH:/tmp/site"; fi
-step build      180 290 build_extension
-step tests      120 170 run_tests
-step bench_gpu  200  90 "$PY" benchmarks/bench_gpu.py --out "$OUT" "${bench_args[@]}"
-step trainer     60  40 trainer_smoke
-step overhead    60   0 "$PY" benchmarks/overhead.py --device cuda --out "$OUT"
+step build      200 300 build_extension
+step tests      120 180 run_tests
+step bench_gpu  150 110 "$PY" benchmarks/bench_gpu.py --out "$OUT" "${bench_args[@]}"
+step overhead    60  50 "$PY" benchmarks/overhead.py --device cuda --out "$OUT"
+step trainer     60   0 trainer_smoke
 
 {
     echo "# gpu_check.sh on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ($(date -u +%F))"

@@ -260,7 +260,7 @@ def main(argv=None) -> int:
         return 2
     cuda = device.type == "cuda"
     if cuda:  # as the trainer does
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device.index or 0)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True

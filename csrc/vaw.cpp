@@ -39,6 +39,12 @@ namespace {
 
 std::string build_info() { return std::string(varweight_build_marker); }
 
+// Backward of a step on CPU: grad * w / B in float32, cast to the loss dtype (ops.VAWFunction's formula).
+at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& w, at::ScalarType dtype) {
+  check_scale_grad(grad, w, dtype);
+  return grad.to(at::kFloat).mul(w).div_(static_cast<double>(w.numel())).to(dtype);
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -63,9 +69,12 @@ class WeightedStep : public torch::autograd::Function<WeightedStep> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto scale_grad_op = c10::Dispatcher::singleton()
+                                    .findSchemaOrThrow("varweight_ext::scale_grad", "")
+                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::ScalarType)>();
     const at::Tensor w = ctx->get_saved_variables()[0];
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["loss_dtype"].toInt());
-    at::Tensor grad_loss = grads[0].to(at::kFloat).mul(w).div_(static_cast<double>(w.numel())).to(dtype);
+    at::Tensor grad_loss = scale_grad_op.call(grads[0], w, dtype);
     variable_list out(11);
     out[0] = grad_loss;
     return out;
@@ -98,6 +107,7 @@ TORCH_LIBRARY(varweight_ext, m) {
   m.def(
       "weighted_step(Tensor loss, Tensor lam, Tensor(a!) M, Tensor(b!) Q, Tensor(c!) Z, Tensor(d!) C, "
       "Tensor(e!) weight, Tensor(f!) step, Tensor(g!) nonfinite, float[] params, bool training) -> (Tensor, Tensor)");
+  m.def("scale_grad(Tensor grad, Tensor w, ScalarType dtype) -> Tensor");
   m.def("build_info() -> str", &varweight::build_info);
 }
 
@@ -109,4 +119,5 @@ TORCH_LIBRARY_IMPL(varweight_ext, CPU, m) {
   m.impl("forward_moments", &varweight::forward_moments_cpu);
   m.impl("update", &varweight::update_cpu);
   m.impl("step", &varweight::step_cpu);
+  m.impl("scale_grad", &varweight::scale_grad_cpu);
 }

@@ -236,6 +236,19 @@ def test_op_rejects_bad_arguments():
     bad[0] = torch.zeros(9)
     with pytest.raises(RuntimeError, match="bins"):
         op.step(torch.rand(4), torch.rand(4), *bad, params, True)
+    with pytest.raises(RuntimeError, match="one-element float gradient"):
+        op.scale_grad(torch.ones(2), torch.rand(4), torch.float32)
+    with pytest.raises(RuntimeError, match="1-D float32 weights"):
+        op.scale_grad(torch.ones(()), torch.rand(4, dtype=torch.float64), torch.float32)
+
+
+@pytest.mark.parametrize("loss_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_scale_grad_op_is_the_reference_backward(loss_dtype):
+    w = torch.rand(1001) * 3
+    grad = torch.tensor(0.37, dtype=loss_dtype)
+    expected = reference.scale_grad(grad, w, loss_dtype)
+    actual = torch.ops.varweight_ext.scale_grad(grad, w, loss_dtype)
+    assert actual.dtype == loss_dtype and torch.equal(actual, expected)
 
 
 def test_device_errors():

@@ -55,16 +55,13 @@ def read_marker(path: str) -> Optional[str]:
         data = Path(path).read_bytes()
     except OSError:
         return None
-    start = data.find(MARKER_PREFIX)
-    if start < 0:
-        return None
-    match = re.match(rb"1([0-9a-f]*)", data[start + len(MARKER_PREFIX):start + len(MARKER_PREFIX) + 512])
-    if match is None or len(match.group(1)) % 2:
-        return None
-    try:
-        return bytes.fromhex(match.group(1).decode()).decode()
-    except ValueError:
-        return None
+    # The first occurrence that parses: the prefix may also appear elsewhere (debug info, say).
+    for match in re.finditer(re.escape(MARKER_PREFIX) + rb"1((?:[0-9a-f]{2})+)(?![0-9a-f])", data):
+        try:
+            return bytes.fromhex(match.group(1).decode()).decode()
+        except ValueError:
+            continue
+    return None
 
 
 def find_library(module: str) -> Optional[str]:

@@ -50,6 +50,10 @@ class Backend:
     # skip Python autograd; None means the step goes through ``ops.VAWFunction``.
     differentiable_step: Optional[Callable] = None
 
+    def backward(self, grad_out: torch.Tensor, w: torch.Tensor, loss_dtype: torch.dtype) -> torch.Tensor:
+        """Gradient of ``out`` w.r.t. ``loss``: ``grad * w / B`` in float32, in the loss dtype."""
+        return reference.scale_grad(grad_out, w, loss_dtype)
+
     def step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params: Sequence[float], training: bool):
         """Whole step without distributed sync; backends override it with a fused path."""
         out, w, moments = self.forward_moments(loss, lam, weight, params[0], params[1], training)

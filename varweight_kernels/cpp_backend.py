@@ -26,8 +26,9 @@ if EXTENSION.cpu_reason is None:
     _UPDATE = _op("update")
     _STEP = _op("step")
     _WEIGHTED_STEP = _op("weighted_step")
+    _SCALE_GRAD = _op("scale_grad")
 else:
-    _FORWARD_MOMENTS = _UPDATE = _STEP = _WEIGHTED_STEP = None
+    _FORWARD_MOMENTS = _UPDATE = _STEP = _WEIGHTED_STEP = _SCALE_GRAD = None
 
 
 class _CompiledBackend(Backend):
@@ -40,6 +41,9 @@ class _CompiledBackend(Backend):
 
     def step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
         return _STEP(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training)
+
+    def backward(self, grad_out, w, loss_dtype):
+        return _SCALE_GRAD(grad_out, w, loss_dtype)
 
     def differentiable_step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
         return _WEIGHTED_STEP(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training)

@@ -13,6 +13,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from . import reference
 from .backends import resolve_backend
 
 STATE_NAMES = ("M", "Q", "Z", "C", "weight", "step", "nonfinite")
@@ -68,13 +69,19 @@ class VAWFunction(torch.autograd.Function):
         out, w = step(loss.detach(), lam, M, Q, Z, C, weight, step_count, nonfinite, params, training, sync, backend)
         ctx.save_for_backward(w)
         ctx.loss_dtype = loss.dtype
+        # Eager: the backend's own backward (one launch where it has one); compiled: torch ops.
+        ctx.backend_impl = None if torch.compiler.is_compiling() else resolve_backend(backend, loss.device)
         ctx.mark_non_differentiable(w)
         return out, w
 
     @staticmethod
     def backward(ctx, grad_out, grad_w):
         (w,) = ctx.saved_tensors
-        grad_loss = (grad_out.to(torch.float32) * w / w.numel()).to(ctx.loss_dtype)
+        impl = getattr(ctx, "backend_impl", None)
+        if impl is None or torch.compiler.is_compiling():
+            grad_loss = reference.scale_grad(grad_out, w, ctx.loss_dtype)
+        else:
+            grad_loss = impl.backward(grad_out, w, ctx.loss_dtype)
         return (grad_loss,) + (None,) * 12
 
 

@@ -124,3 +124,8 @@ def step(loss: torch.Tensor, lam: torch.Tensor, M: torch.Tensor, Q: torch.Tensor
     if moments is not None:
         update(moments, M, Q, Z, C, weight, step_count, nonfinite, params)
     return out, w
+
+
+def scale_grad(grad_out: torch.Tensor, w: torch.Tensor, loss_dtype: torch.dtype) -> torch.Tensor:
+    """Backward of a step (SPEC: d out / d L_i = w_i / B): ``grad * w / B`` in float32, cast to the loss dtype."""
+    return (grad_out.to(torch.float32) * w / w.numel()).to(loss_dtype)

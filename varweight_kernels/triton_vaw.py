@@ -19,7 +19,7 @@ the variable must be set before this module is imported to run on CPU tensors.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,26 +35,47 @@ except ImportError as exc:  # the backend then reports itself unavailable
 else:
     _IMPORT_ERROR = None
 
-# Kernel-1 tiles and program caps (compiled, interpreted). Compiled: a BLOCK_B x BLOCK_K tile of
-# float64 accumulators per program stays in registers. The interpreter costs per operation, not
-# per element, so it gets few wide tiles and few programs (the same code, other constants).
-BLOCK_B_TRAIN = {False: 32, True: 1024}
-MAX_BIN_TILE = {False: 64, True: 1024}
-MAX_PROGRAMS = {False: 512, True: 16}
+class Geometry(NamedTuple):
+    """Kernel-1 tiling: samples per block, cap on bins per tile, cap on programs, warps."""
+
+    block_b: int
+    max_bin_tile: int
+    max_programs: int
+    num_warps: int
+
+
+# Compiled: a BLOCK_B x BLOCK_K tile of float64 accumulators per program stays in registers.
+# Picked on an H200 (benchmarks/RESULTS.md, bench_gpu.py --sweep): up to 2^18 samples, narrow
+# bin tiles over many programs (more parallelism); above, short sample blocks with wide tiles.
+# The interpreter costs per operation, not per element, so it gets few wide tiles and few programs.
+SMALL_BATCH_GEOMETRY = Geometry(128, 16, 1056, 8)
+LARGE_BATCH_GEOMETRY = Geometry(16, 64, 1056, 4)
+SMALL_BATCH_MAX = 1 << 18
+INTERPRETER_GEOMETRY = Geometry(1024, 1024, 16, 4)
+GEOMETRY_OVERRIDE: Optional[Geometry] = None  # set by benchmarks/bench_gpu.py --sweep
 BLOCK_B_EVAL = 1024   # eval only gathers weights, so a program takes wide blocks
 FINAL_TILE = {False: 2048, True: 65536}  # elements of one (partial rows x bins) tile of the finalise kernel
 FINAL_BIN_TILE = {False: 256, True: 4096}
-PASS_NUM_WARPS = 4  # warps of a kernel-1 program (compiled)
+BACKWARD_BLOCK = 1024
 
 
-def launch_geometry(batch: int, num_bins: int, training: bool, interpret: bool) -> Tuple[int, int, int, int, int]:
-    """``(programs, blocks_per_program, block_b, bin_tiles, block_k)`` of kernel 1, from B and K only."""
-    block_b = BLOCK_B_TRAIN[interpret] if training else BLOCK_B_EVAL
-    block_k = max(16, min(MAX_BIN_TILE[interpret], triton.next_power_of_2(num_bins)))
+def pass_geometry(batch: int, interpret: bool) -> Geometry:
+    if GEOMETRY_OVERRIDE is not None and not interpret:
+        return GEOMETRY_OVERRIDE
+    if interpret:
+        return INTERPRETER_GEOMETRY
+    return SMALL_BATCH_GEOMETRY if batch <= SMALL_BATCH_MAX else LARGE_BATCH_GEOMETRY
+
+
+def launch_geometry(batch: int, num_bins: int, training: bool, interpret: bool) -> Tuple[int, int, int, int, int, int]:
+    """``(programs, blocks_per_program, block_b, bin_tiles, block_k, num_warps)`` of kernel 1, from B and K only."""
+    geometry = pass_geometry(batch, interpret)
+    block_b = geometry.block_b if training else BLOCK_B_EVAL
+    block_k = max(16, min(geometry.max_bin_tile, triton.next_power_of_2(num_bins)))
     tiles = triton.cdiv(num_bins, block_k) if training else 1
     blocks = triton.cdiv(batch, block_b)
-    per_program = triton.cdiv(blocks, max(1, min(blocks, MAX_PROGRAMS[interpret] // tiles)))
-    return triton.cdiv(blocks, per_program), per_program, block_b, tiles, block_k
+    per_program = triton.cdiv(blocks, max(1, min(blocks, geometry.max_programs // tiles)))
+    return triton.cdiv(blocks, per_program), per_program, block_b, tiles, block_k, geometry.num_warps
 
 
 if triton is not None:
@@ -79,17 +100,25 @@ if triton is not None:
         n_acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.int32)
         s_acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float64)
         q_acc = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float64)
+        # Each iteration loads the next block before it works on this one (prefetch in registers:
+        # the loads are in flight during the one-hot work).
+        next_offs = first * BLOCK_B + lanes
+        next_lam = tl.load(lam_ptr + next_offs, mask=next_offs < batch, other=0.0)
+        next_loss = tl.load(loss_ptr + next_offs, mask=next_offs < batch, other=0.0)
         for i in range(0, blocks_per_program):
-            offs = (first + i) * BLOCK_B + lanes
+            offs = next_offs
             mask = offs < batch
-            lam = tl.load(lam_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            lam = next_lam.to(tl.float32)
+            loss = next_loss
+            next_offs = offs + BLOCK_B  # past the program's range on the last block: read, never used
+            next_lam = tl.load(lam_ptr + next_offs, mask=next_offs < batch, other=0.0)
+            next_loss = tl.load(loss_ptr + next_offs, mask=next_offs < batch, other=0.0)
             lam_nan = lam != lam
             # Precision contract: float32 multiply, clamp in float before the int conversion.
             u = tl.floor((lam - lmin) * scale)
             u = tl.where(u < 0.0, 0.0, u)
             u = tl.where(u > K - 1, K - 1, u)
             idx = tl.where(lam_nan, 0.0, u).to(tl.int32)
-            loss = tl.load(loss_ptr + offs, mask=mask, other=0.0)
             if tile == 0:
                 w = tl.where(lam_nan, 1.0, tl.load(weight_ptr + idx, mask=mask, other=1.0))
                 tl.store(w_ptr + offs, w, mask=mask)
@@ -261,6 +290,17 @@ if triton is not None:
                 tl.store(W_ptr + cols, w.to(tl.float32), mask=in_range)
 
 
+    @triton.jit
+    def _scale_grad_kernel(grad_ptr, w_ptr, out_ptr, batch, inv_b, BLOCK: tl.constexpr):
+        """Backward in one launch: ``(float(grad) * w) * (1/B)``, the float32 arithmetic of torch's
+        ``grad.float() * w / B`` on CUDA (a division by a host scalar multiplies by its reciprocal)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < batch
+        g = tl.load(grad_ptr).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + offs, (g * w) * inv_b, mask=mask)
+
+
 # Whether Triton built the kernels for its interpreter (it decides when they are defined).
 KERNELS_INTERPRETED = triton is not None and not isinstance(_finalise_kernel, triton.runtime.JITFunction)
 
@@ -301,14 +341,14 @@ class TritonBackend(Backend):
         """Kernel 1: returns (w, partial rows, number of rows, row stride)."""
         loss, lam = loss.detach().contiguous(), lam.contiguous()
         batch, num_bins = loss.numel(), weight.numel()
-        programs, per_program, block_b, tiles, block_k = launch_geometry(batch, num_bins, training,
-                                                                         KERNELS_INTERPRETED)
+        programs, per_program, block_b, tiles, block_k, num_warps = launch_geometry(batch, num_bins, training,
+                                                                                    KERNELS_INTERPRETED)
         stride = 3 * num_bins + 2 if training else 1
         parts = torch.empty((programs, stride), dtype=torch.float64, device=loss.device)
         w = torch.empty(batch, dtype=torch.float32, device=loss.device)
         _bin_partials_kernel[(programs, tiles)](
             loss, lam, weight, w, parts, scalars, batch, per_program, stride, num_bins, ACC=_acc_dtype(loss),
-            TRAINING=training, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=PASS_NUM_WARPS, enable_fp_fusion=False)
+            TRAINING=training, BLOCK_B=block_b, BLOCK_K=block_k, num_warps=num_warps, enable_fp_fusion=False)
         return w, parts, programs, stride
 
     @staticmethod
@@ -340,6 +380,14 @@ class TritonBackend(Backend):
         scalars = self._scalar_tensor(params, moments.device)
         self._finalise(scalars, (M, Q, Z, C, weight, step, nonfinite), M.numel(), True, moments=moments,
                        update=True)
+
+    def backward(self, grad_out, w, loss_dtype):
+        batch = w.numel()
+        grad_loss = torch.empty(batch, dtype=torch.float32, device=w.device)
+        _scale_grad_kernel[(triton.cdiv(batch, BACKWARD_BLOCK),)](
+            grad_out.contiguous(), w, grad_loss, batch, 1.0 / batch, BLOCK=BACKWARD_BLOCK, num_warps=4)
+        # Other loss dtypes are cast by torch (its rounding; the interpreter's bf16 cast differs).
+        return grad_loss if loss_dtype == torch.float32 else grad_loss.to(loss_dtype)
 
     def step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
         """Fused step: kernel 1 and one finalise launch (EMA + weight table when training)."""

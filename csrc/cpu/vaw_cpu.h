@@ -42,6 +42,18 @@ inline void check_inputs(const at::Tensor& loss, const at::Tensor& lam, const at
               " and ", weight.device());
 }
 
+// Backward of a step: grad is the 0-dim gradient of out, w the (B,) float32 weights, dtype the loss's.
+inline void check_scale_grad(const at::Tensor& grad, const at::Tensor& w, c10::ScalarType dtype) {
+  TORCH_CHECK(grad.numel() == 1 && is_float_type(grad.scalar_type()),
+              "varweight: scale_grad needs the one-element float gradient of out, got ", grad.scalar_type(),
+              " of shape ", grad.sizes());
+  TORCH_CHECK(w.dim() == 1 && w.scalar_type() == at::kFloat, "varweight: scale_grad needs 1-D float32 weights, got ",
+              w.scalar_type(), " of shape ", w.sizes());
+  TORCH_CHECK(is_float_type(dtype), "varweight: scale_grad needs a float loss dtype, got ", dtype);
+  TORCH_CHECK(grad.device() == w.device(), "varweight: scale_grad got grad on ", grad.device(), " and w on ",
+              w.device());
+}
+
 // The state buffers of the module: M, Q, Z, weight float32 (K,), C float64 or int64 (K,),
 // step and nonfinite int64 with one element; all contiguous (they are written in place).
 inline void check_state(const at::Tensor& M, const at::Tensor& Q, const at::Tensor& Z, const at::Tensor& C,

@@ -2,15 +2,20 @@
 //
 // A step is at most two launches and never synchronises with the host:
 //   1. vaw_pass_kernel: a grid whose size depends only on (B, K). Block g handles a fixed
-//      contiguous range of samples in tiles of kThreads; it bins, gathers the weight (the table as
-//      it was before this batch), writes w and accumulates its partial sums: sum(w*L), the
-//      non-finite count and (training) the per-bin n, s, q. No float atomics: inside a warp the
-//      samples of one bin are summed in lane order by the group's leader (__match_any_sync), the
-//      warps of a block add their group sums one warp after the other, tiles in order. Each block
-//      writes its partials to its own row of a global buffer.
-//   2. vaw_finalize_kernel (one block): adds the rows in block order (lane-strided sums and a fixed
-//      shuffle tree), writes out, the moment buffer and/or applies the EMA, counters (step and
-//      nonfinite are updated on the device) and the next weight table, all in double precision.
+//      contiguous range of samples in tiles of kThreads x kItems (each thread loads its kItems
+//      samples of a tile before using any, so several loads are in flight); it bins, gathers the
+//      weight (the table as it was before this batch), writes w and accumulates its partial sums:
+//      sum(w*L), the non-finite count and (training) the per-bin n, s, q. No float atomics: inside
+//      a warp the samples of one bin are summed in lane order by the group's leader
+//      (__match_any_sync). For K <= kPerWarpMaxBins every warp owns a histogram in shared memory
+//      (no barrier per tile; the block adds the warp histograms in warp order at the end); for
+//      larger K the warps of a block add their group sums to one histogram one warp after the
+//      other. Each block writes its partials to its own row of a global buffer.
+//   2. vaw_finalize_kernel (one block): adds the rows in block order (one thread per entry when
+//      there are few rows, else lane-strided sums and a fixed shuffle tree), writes out, the moment
+//      buffer and/or applies the EMA, counters (step and nonfinite are updated on the device) and
+//      the next weight table, all in double precision.
+// Backward (scale_grad) is one elementwise launch.
 // The result is deterministic: the same bits on every run for the same shapes.
 #include "vaw_cuda.h"
 
@@ -42,10 +47,14 @@ namespace {
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kThreads = 256;  // main pass block size
 constexpr int kWarps = kThreads / 32;
+constexpr int kItems = 4;                     // samples per thread per tile (loads in flight)
+constexpr int64_t kTile = kThreads * kItems;  // samples per tile
 constexpr int kFinalThreads = 1024;  // finalise block size (32 warps)
 constexpr int64_t kMaxBlocks = 1024;
 constexpr int64_t kPartialBudget = int64_t(1) << 21;  // doubles of per-block partials (16 MiB)
 constexpr int64_t kSmemHistMax = 5120;                // doubles of shared histogram (40 KiB)
+constexpr int64_t kPerWarpMaxBins = 128;              // per-warp histograms: kWarps * 3K doubles (24 KiB at most)
+constexpr int64_t kFewRows = 32;                      // finalise: one thread per entry up to this many rows
 constexpr double kRawWeightCap = 1e300;
 
 struct DevParams {
@@ -61,9 +70,9 @@ struct Grid {
 Grid plan_grid(int64_t B, int64_t K) {
   const int64_t stride = 3 * K + 2;
   const int64_t cap = std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, kPartialBudget / stride));
-  const int64_t tiles = (B + kThreads - 1) / kThreads;
+  const int64_t tiles = (B + kTile - 1) / kTile;
   int64_t blocks = std::min(tiles, cap);
-  const int64_t per_block = ((tiles + blocks - 1) / blocks) * kThreads;
+  const int64_t per_block = ((tiles + blocks - 1) / blocks) * kTile;
   blocks = (B + per_block - 1) / per_block;
   return Grid{blocks, per_block};
 }
@@ -78,7 +87,9 @@ __device__ __forceinline__ double load_loss<double>(const double* p, int64_t i) 
 }
 
 // Row layout of the partials: [hist (hist_len = 3K: n(K), s(K), q(K); 0 in eval), nonfinite, wsum].
-template <typename loss_t, typename lam_t, bool TRAIN>
+// PER_WARP: each warp has its own 3K-double histogram in shared memory (K <= kPerWarpMaxBins).
+// Otherwise one block histogram, in shared memory when use_smem, else the block's own row.
+template <typename loss_t, typename lam_t, bool TRAIN, bool PER_WARP>
 __global__ void __launch_bounds__(kThreads)
     vaw_pass_kernel(const loss_t* __restrict__ loss, const lam_t* __restrict__ lam, const float* __restrict__ table,
                     float* __restrict__ w_out, double* __restrict__ partials, int64_t B, int64_t per_block, int K,
@@ -91,58 +102,84 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = tid >> 5;
   const int64_t hist_len = TRAIN ? 3 * int64_t(K) : 0;
   double* row = partials + int64_t(blockIdx.x) * stride;
-  double* hist = (TRAIN && use_smem) ? smem_hist : row;
+  double* hist = (TRAIN && (PER_WARP || use_smem)) ? smem_hist : row;
   if (TRAIN) {
-    for (int64_t j = tid; j < hist_len; j += kThreads) hist[j] = 0.0;
+    const int64_t zero_len = PER_WARP ? kWarps * hist_len : hist_len;
+    for (int64_t j = tid; j < zero_len; j += kThreads) hist[j] = 0.0;
     __syncthreads();
   }
+  double* warp_hist = PER_WARP ? hist + warp * hist_len : hist;
   const int64_t begin = int64_t(blockIdx.x) * per_block;
   const int64_t end = min(B, begin + per_block);
   double wsum = 0.0;
   double nonfinite = 0.0;
-  for (int64_t base = begin; base < end; base += kThreads) {  // same trip count for every thread
-    const int64_t i = base + tid;
-    bool valid = false;
-    int bin = 0;
-    double L = 0.0;
-    if (i < end) {
-      const float l = static_cast<float>(lam[i]);
-      const bool lam_nan = isnan(l);
-      // Precision contract: float32 subtract and multiply (no FMA), floor, clamp in float, then int.
-      float u = floorf(__fmul_rn(__fsub_rn(l, lminf), scalef));
-      u = u < 0.0f ? 0.0f : u;  // NaN stays NaN here; its bin is never used
-      u = u > kmaxf ? kmaxf : u;
-      bin = lam_nan ? 0 : static_cast<int>(u);
-      const float wv = lam_nan ? 1.0f : table[bin];
-      w_out[i] = wv;
-      L = load_loss(loss, i);
-      wsum = __dadd_rn(wsum, __dmul_rn(static_cast<double>(wv), L));
-      if (TRAIN) {
-        valid = !lam_nan && isfinite(L);
-        if (!valid) nonfinite += 1.0;
+  for (int64_t base = begin; base < end; base += kTile) {  // same trip count for every thread
+    // Load the thread's kItems samples of this tile first (coalesced, all in flight at once).
+    float lam_v[kItems];
+    double loss_v[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t i = base + j * kThreads + tid;
+      lam_v[j] = 0.0f;
+      loss_v[j] = 0.0;
+      if (i < end) {
+        lam_v[j] = static_cast<float>(lam[i]);
+        loss_v[j] = load_loss(loss, i);
       }
     }
-    if (TRAIN) {
-      stage_v[tid] = valid ? L : 0.0;
-      stage_q[tid] = valid ? __dmul_rn(L, L) : 0.0;
-      const unsigned group = __match_any_sync(kFullMask, valid ? bin : -1);
-      __syncwarp();
-      const bool leader = valid && lane == __ffs(group) - 1;
-      double gs = 0.0, gq = 0.0;
-      if (leader) {  // the group's values in lane order
-        for (unsigned rest = group; rest != 0u; rest &= rest - 1u) {
-          const int j = warp * 32 + __ffs(rest) - 1;
-          gs = __dadd_rn(gs, stage_v[j]);
-          gq = __dadd_rn(gq, stage_q[j]);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      const int64_t i = base + j * kThreads + tid;
+      bool valid = false;
+      int bin = 0;
+      const double L = loss_v[j];
+      if (i < end) {
+        const float l = lam_v[j];
+        const bool lam_nan = isnan(l);
+        // Precision contract: float32 subtract and multiply (no FMA), floor, clamp in float, then int.
+        float u = floorf(__fmul_rn(__fsub_rn(l, lminf), scalef));
+        u = u < 0.0f ? 0.0f : u;  // NaN stays NaN here; its bin is never used
+        u = u > kmaxf ? kmaxf : u;
+        bin = lam_nan ? 0 : static_cast<int>(u);
+        const float wv = lam_nan ? 1.0f : table[bin];
+        w_out[i] = wv;
+        wsum = __dadd_rn(wsum, __dmul_rn(static_cast<double>(wv), L));
+        if (TRAIN) {
+          valid = !lam_nan && isfinite(L);
+          if (!valid) nonfinite += 1.0;
         }
       }
-      for (int wp = 0; wp < kWarps; ++wp) {  // warps one after the other: a fixed order per bin
-        if (warp == wp && leader) {
-          hist[bin] += static_cast<double>(__popc(group));
-          hist[K + bin] = __dadd_rn(hist[K + bin], gs);
-          hist[2 * K + bin] = __dadd_rn(hist[2 * K + bin], gq);
+      if (TRAIN) {
+        stage_v[tid] = valid ? L : 0.0;
+        stage_q[tid] = valid ? __dmul_rn(L, L) : 0.0;
+        const unsigned group = __match_any_sync(kFullMask, valid ? bin : -1);
+        __syncwarp();
+        const bool leader = valid && lane == __ffs(group) - 1;
+        double gs = 0.0, gq = 0.0;
+        if (leader) {  // the group's values in lane order
+          for (unsigned rest = group; rest != 0u; rest &= rest - 1u) {
+            const int t = warp * 32 + __ffs(rest) - 1;
+            gs = __dadd_rn(gs, stage_v[t]);
+            gq = __dadd_rn(gq, stage_q[t]);
+          }
         }
-        __syncthreads();
+        if (PER_WARP) {  // the leaders of one warp hold distinct bins: no conflicts, no block barrier
+          if (leader) {
+            warp_hist[bin] += static_cast<double>(__popc(group));
+            warp_hist[K + bin] = __dadd_rn(warp_hist[K + bin], gs);
+            warp_hist[2 * K + bin] = __dadd_rn(warp_hist[2 * K + bin], gq);
+          }
+          __syncwarp();  // stage_* is rewritten in the next round
+        } else {
+          for (int wp = 0; wp < kWarps; ++wp) {  // warps one after the other: a fixed order per bin
+            if (warp == wp && leader) {
+              hist[bin] += static_cast<double>(__popc(group));
+              hist[K + bin] = __dadd_rn(hist[K + bin], gs);
+              hist[2 * K + bin] = __dadd_rn(hist[2 * K + bin], gq);
+            }
+            __syncthreads();
+          }
+        }
       }
     }
   }
@@ -158,12 +195,30 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
   }
-  if (TRAIN && use_smem) {
+  if (TRAIN && PER_WARP) {  // the warp histograms in warp order
+    for (int64_t j = tid; j < hist_len; j += kThreads) {
+      double acc = hist[j];
+      for (int wp = 1; wp < kWarps; ++wp) acc = __dadd_rn(acc, hist[wp * hist_len + j]);
+      row[j] = acc;
+    }
+  } else if (TRAIN && use_smem) {
     for (int64_t j = tid; j < hist_len; j += kThreads) row[j] = hist[j];
   }
   if (tid == 0) {
     row[hist_len] = stage_q[0];
     row[hist_len + 1] = stage_v[0];
+  }
+}
+
+// Backward: grad_loss = (float(grad) * w) / B in the loss dtype, as ATen's
+// grad.to(float).mul(w).div_(B) computes it on CUDA (the division by a host scalar is a
+// multiplication by its float reciprocal).
+template <typename grad_t, typename out_t>
+__global__ void scale_grad_kernel(const grad_t* __restrict__ grad, const float* __restrict__ w,
+                                  out_t* __restrict__ out, int64_t B, float inv_b) {
+  const float g = static_cast<float>(*grad);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < B; i += int64_t(gridDim.x) * blockDim.x) {
+    out[i] = static_cast<out_t>(__fmul_rn(__fmul_rn(g, w[i]), inv_b));
   }
 }
 
@@ -181,6 +236,32 @@ __device__ double block_sum(double v, double* sh) {
   }
   __syncthreads();
   const double r = sh[32];
+  __syncthreads();
+  return r;
+}
+
+// block_sum of three values at once (one set of barriers).
+__device__ double3 block_sum3(double3 v, double3* sh) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  for (int off = 16; off > 0; off >>= 1) {
+    v.x = __dadd_rn(v.x, __shfl_down_sync(kFullMask, v.x, off));
+    v.y = __dadd_rn(v.y, __shfl_down_sync(kFullMask, v.y, off));
+    v.z = __dadd_rn(v.z, __shfl_down_sync(kFullMask, v.z, off));
+  }
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kFinalThreads / 32 ? sh[lane] : make_double3(0.0, 0.0, 0.0);
+    for (int off = 16; off > 0; off >>= 1) {
+      v.x = __dadd_rn(v.x, __shfl_down_sync(kFullMask, v.x, off));
+      v.y = __dadd_rn(v.y, __shfl_down_sync(kFullMask, v.y, off));
+      v.z = __dadd_rn(v.z, __shfl_down_sync(kFullMask, v.z, off));
+    }
+    if (lane == 0) sh[32] = v;
+  }
+  __syncthreads();
+  const double3 r = sh[32];
   __syncthreads();
   return r;
 }
@@ -219,26 +300,37 @@ __global__ void __launch_bounds__(kFinalThreads)
                         bool has_wsum, int64_t B, out_t* out, double* moments_out, double* scratch, float* M,
                         float* Q, float* Z, c_t* C, float* weight, int64_t* step, int64_t* nonfinite, DevParams p) {
   __shared__ double sh[33];
+  __shared__ double3 sh3[33];
   __shared__ double s_nonfinite;
   __shared__ double s_step;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int64_t entries = hist_len + (has_wsum ? 2 : 1);
-  for (int64_t j = warp; j < entries; j += kFinalThreads / 32) {
-    double acc = 0.0;
-    for (int64_t g = lane; g < G; g += 32) acc = __dadd_rn(acc, partials[g * stride + j]);
-    for (int off = 16; off > 0; off >>= 1) acc = __dadd_rn(acc, __shfl_down_sync(kFullMask, acc, off));
-    if (lane == 0) {
-      if (j < hist_len) {
-        if (scratch != nullptr) scratch[j] = acc;
-        if (moments_out != nullptr) moments_out[j] = acc;
-      } else if (j == hist_len) {
-        s_nonfinite = acc;
-        if (moments_out != nullptr) moments_out[j] = acc;
-      } else if (out != nullptr) {
-        store_out(out, acc / static_cast<double>(B));
-      }
+  auto publish = [&](int64_t j, double acc) {  // entry j of the summed rows
+    if (j < hist_len) {
+      if (scratch != nullptr) scratch[j] = acc;
+      if (moments_out != nullptr) moments_out[j] = acc;
+    } else if (j == hist_len) {
+      s_nonfinite = acc;
+      if (moments_out != nullptr) moments_out[j] = acc;
+    } else if (out != nullptr) {
+      store_out(out, acc / static_cast<double>(B));
+    }
+  };
+  if (G <= kFewRows) {  // few rows (small B): one thread per entry, rows in order, all loads at once
+    for (int64_t j = tid; j < entries; j += kFinalThreads) {
+      double acc = 0.0;
+#pragma unroll 8
+      for (int64_t g = 0; g < G; ++g) acc = __dadd_rn(acc, partials[g * stride + j]);
+      publish(j, acc);
+    }
+  } else {
+    for (int64_t j = warp; j < entries; j += kFinalThreads / 32) {
+      double acc = 0.0;
+      for (int64_t g = lane; g < G; g += 32) acc = __dadd_rn(acc, partials[g * stride + j]);
+      for (int off = 16; off > 0; off >>= 1) acc = __dadd_rn(acc, __shfl_down_sync(kFullMask, acc, off));
+      if (lane == 0) publish(j, acc);
     }
   }
   if (M == nullptr) return;  // uniform across the block
@@ -278,9 +370,10 @@ __global__ void __launch_bounds__(kFinalThreads)
     trr = __dadd_rn(trr, __dmul_rn(rc, r));
     tc = __dadd_rn(tc, ck);
   }
-  const double total_ready = block_sum(tr, sh);
-  const double ready_raw = block_sum(trr, sh);
-  const double total = block_sum(tc, sh);
+  double3 sums = block_sum3(make_double3(tr, trr, tc), sh3);
+  const double total_ready = sums.x;
+  const double ready_raw = sums.y;
+  const double total = sums.z;
   // 7. Weight table.
   const double fill = total_ready > 0 ? ready_raw / fmax(total_ready, 1.0) : 1.0;
   double tn = 0.0;
@@ -324,8 +417,11 @@ PassOut run_pass(const at::Tensor& loss, const at::Tensor& lam, const at::Tensor
   const int64_t hist_len = training ? 3 * K : 0;
   const int64_t stride = hist_len + 2;
   at::Tensor partials = at::empty({grid.blocks * stride}, loss.options().dtype(at::kDouble));
+  const bool per_warp = training && K <= kPerWarpMaxBins;
   const bool use_smem = training && hist_len <= kSmemHistMax;
-  const size_t smem = use_smem ? static_cast<size_t>(hist_len) * sizeof(double) : 0;
+  const size_t smem = per_warp   ? static_cast<size_t>(kWarps * hist_len) * sizeof(double)
+                      : use_smem ? static_cast<size_t>(hist_len) * sizeof(double)
+                                 : 0;
   const float lminf = static_cast<float>(lmin);
   const float scalef = static_cast<float>(scale);
   const float kmaxf = static_cast<float>(K - 1);
@@ -333,7 +429,9 @@ PassOut run_pass(const at::Tensor& loss, const at::Tensor& lam, const at::Tensor
     using loss_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lam.scalar_type(), "varweight_cuda_lam", [&] {
       using lam_t = scalar_t;
-      auto kernel = training ? vaw_pass_kernel<loss_t, lam_t, true> : vaw_pass_kernel<loss_t, lam_t, false>;
+      auto kernel = !training ? vaw_pass_kernel<loss_t, lam_t, false, false>
+                    : per_warp  ? vaw_pass_kernel<loss_t, lam_t, true, true>
+                                : vaw_pass_kernel<loss_t, lam_t, true, false>;
       kernel<<<static_cast<unsigned>(grid.blocks), kThreads, smem, stream>>>(
           loss.const_data_ptr<loss_t>(), lam.const_data_ptr<lam_t>(), table.const_data_ptr<float>(),
           w.mutable_data_ptr<float>(), partials.mutable_data_ptr<double>(), B, grid.per_block, static_cast<int>(K),
@@ -447,10 +545,34 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const at::Tensor& loss_in, const at
   return {out, w};
 }
 
+at::Tensor scale_grad_cuda(const at::Tensor& grad_in, const at::Tensor& w_in, at::ScalarType dtype) {
+  check_scale_grad(grad_in, w_in, dtype);
+  check_cuda(w_in, w_in, "w");
+  check_cuda(grad_in, w_in, "grad");
+  const c10::cuda::CUDAGuard guard(w_in.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor w = w_in.contiguous();
+  const int64_t B = w.numel();
+  at::Tensor out = at::empty({B}, w.options().dtype(dtype));
+  const float inv_b = 1.0f / static_cast<float>(static_cast<double>(B));
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((B + kThreads - 1) / kThreads, 4096));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "varweight_scale_grad_in", [&] {
+    using grad_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "varweight_scale_grad_out", [&] {
+      scale_grad_kernel<grad_t, scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          grad.const_data_ptr<grad_t>(), w.const_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), B, inv_b);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
 }  // namespace varweight
 
 TORCH_LIBRARY_IMPL(varweight_ext, CUDA, m) {
   m.impl("forward_moments", &varweight::forward_moments_cuda);
   m.impl("update", &varweight::update_cuda);
   m.impl("step", &varweight::step_cuda);
+  m.impl("scale_grad", &varweight::scale_grad_cuda);
 }

@@ -19,4 +19,6 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const at::Tensor& loss, const at::T
                                              const at::Tensor& nonfinite, c10::ArrayRef<double> params,
                                              bool training);
 
+at::Tensor scale_grad_cuda(const at::Tensor& grad, const at::Tensor& w, at::ScalarType dtype);
+
 }  // namespace varweight
