@@ -221,8 +221,8 @@ def measure_shape(batch: int, num_bins: int, backends: List[str], include_compil
 
 
 # Kernel-1 geometries of the Triton backend tried by --sweep: (BLOCK_B, bin tile cap, program cap, warps).
-SWEEP_GEOMETRIES = ((16, 64, 1056, 4), (128, 16, 1056, 8), (8, 64, 2112, 4), (16, 64, 2112, 4),
-                    (16, 32, 2112, 4), (256, 16, 1056, 8), (128, 16, 2112, 8), (64, 16, 2112, 4), (32, 64, 512, 4))
+SWEEP_GEOMETRIES = ((256, 16, 1056, 8), (16, 64, 1056, 4), (128, 16, 1056, 8), (512, 16, 1056, 8),
+                    (256, 16, 528, 8), (256, 16, 2112, 8), (256, 32, 1056, 8), (512, 16, 528, 16))
 SWEEP_SHAPES = ((1 << 16, 64), (1 << 24, 64), (1 << 24, 1024))
 
 

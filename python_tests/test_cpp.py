@@ -337,6 +337,16 @@ def test_version_marker_mismatch_is_detected(tmp_path):
     assert "not installed" in _ext.library_problem(None, _ext.CPU_MODULE)
 
 
+def test_marker_read_past_a_partial_copy(tmp_path):
+    """Seen with GCC on an H200 machine: the library holds a cut-off copy of the marker (its first
+    bytes followed by a digit table) before the whole one; the whole one must win."""
+    real = b"1" + torch.__version__.encode().hex().encode()
+    partial = _ext.MARKER_PREFIX + real[:21] + b"00010203040506070809101112131415161718198081\x00"
+    lib = tmp_path / "_C.so"
+    lib.write_bytes(b"\x7fELF " + partial + b"junk" + _ext.MARKER_PREFIX + real + b"\x00\x00")
+    assert _ext.read_marker(str(lib)) == torch.__version__
+
+
 def test_stale_build_without_jit_is_unavailable_not_a_crash(tmp_path):
     """In a fresh process: a stale library + VARWEIGHT_NO_JIT=1 -> cpp unavailable with the reason."""
     stale = tmp_path / "_C.so"

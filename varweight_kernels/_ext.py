@@ -58,9 +58,11 @@ def read_marker(path: str) -> Optional[str]:
     # The first occurrence that parses: the prefix may also appear elsewhere (debug info, say).
     for match in re.finditer(re.escape(MARKER_PREFIX) + rb"1((?:[0-9a-f]{2})+)(?![0-9a-f])", data):
         try:
-            return bytes.fromhex(match.group(1).decode()).decode()
+            version = bytes.fromhex(match.group(1).decode()).decode("ascii")
         except ValueError:
             continue
+        if version.isprintable():
+            return version
     return None
 
 

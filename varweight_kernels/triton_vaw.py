@@ -45,12 +45,10 @@ class Geometry(NamedTuple):
 
 
 # Compiled: a BLOCK_B x BLOCK_K tile of float64 accumulators per program stays in registers.
-# Picked on an H200 (benchmarks/RESULTS.md, bench_gpu.py --sweep): up to 2^18 samples, narrow
-# bin tiles over many programs (more parallelism); above, short sample blocks with wide tiles.
+# Picked on an H200 (benchmarks/RESULTS.md, bench_gpu.py --sweep): wide sample blocks over
+# narrow bin tiles were the fastest of the geometries tried at B = 2^16 and 2^24, K = 64 and 1024.
 # The interpreter costs per operation, not per element, so it gets few wide tiles and few programs.
-SMALL_BATCH_GEOMETRY = Geometry(128, 16, 1056, 8)
-LARGE_BATCH_GEOMETRY = Geometry(16, 64, 1056, 4)
-SMALL_BATCH_MAX = 1 << 18
+COMPILED_GEOMETRY = Geometry(256, 16, 1056, 8)
 INTERPRETER_GEOMETRY = Geometry(1024, 1024, 16, 4)
 GEOMETRY_OVERRIDE: Optional[Geometry] = None  # set by benchmarks/bench_gpu.py --sweep
 BLOCK_B_EVAL = 1024   # eval only gathers weights, so a program takes wide blocks
@@ -59,17 +57,12 @@ FINAL_BIN_TILE = {False: 256, True: 4096}
 BACKWARD_BLOCK = 1024
 
 
-def pass_geometry(batch: int, interpret: bool) -> Geometry:
-    if GEOMETRY_OVERRIDE is not None and not interpret:
-        return GEOMETRY_OVERRIDE
-    if interpret:
-        return INTERPRETER_GEOMETRY
-    return SMALL_BATCH_GEOMETRY if batch <= SMALL_BATCH_MAX else LARGE_BATCH_GEOMETRY
-
-
 def launch_geometry(batch: int, num_bins: int, training: bool, interpret: bool) -> Tuple[int, int, int, int, int, int]:
     """``(programs, blocks_per_program, block_b, bin_tiles, block_k, num_warps)`` of kernel 1, from B and K only."""
-    geometry = pass_geometry(batch, interpret)
+    if interpret:
+        geometry = INTERPRETER_GEOMETRY
+    else:
+        geometry = GEOMETRY_OVERRIDE or COMPILED_GEOMETRY
     block_b = geometry.block_b if training else BLOCK_B_EVAL
     block_k = max(16, min(geometry.max_bin_tile, triton.next_power_of_2(num_bins)))
     tiles = triton.cdiv(num_bins, block_k) if training else 1
