@@ -14,9 +14,15 @@
 //       step with its autograd formula (d out / d loss = w / B) registered in C++, so an eager
 //       training step pays no Python autograd overhead. Its Autograd kernel calls `step`, which
 //       dispatches to the CPU or CUDA kernels.
+//   scale_grad(grad, w, dtype) -> grad_loss
+//       the backward of a step, grad * w / B in float32 cast to the loss dtype, in one pass
+//       (weighted_step's autograd formula calls it; on CUDA it is one kernel).
 //   build_info() -> str   the torch version this library was compiled against.
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <string>
 
@@ -39,10 +45,25 @@ namespace {
 
 std::string build_info() { return std::string(varweight_build_marker); }
 
-// Backward of a step on CPU: grad * w / B in float32, cast to the loss dtype (ops.VAWFunction's formula).
-at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& w, at::ScalarType dtype) {
-  check_scale_grad(grad, w, dtype);
-  return grad.to(at::kFloat).mul(w).div_(static_cast<double>(w.numel())).to(dtype);
+// Backward of a step on CPU: grad * w / B in float32, cast to the loss dtype, with the roundings
+// of reference.scale_grad (float32 product, IEEE float32 division, one cast), in one loop.
+at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& w_in, at::ScalarType dtype) {
+  check_scale_grad(grad, w_in, dtype);
+  TORCH_CHECK(w_in.device().is_cpu() && grad.device().is_cpu(), "varweight: scale_grad_cpu got tensors on ",
+              w_in.device());
+  const at::Tensor w = w_in.contiguous();
+  const int64_t B = w.numel();
+  const float g = grad.to(at::kFloat).item<float>();
+  const float b = static_cast<float>(B);
+  at::Tensor out = at::empty({B}, w.options().dtype(dtype));
+  const float* wp = w.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "varweight_scale_grad_cpu", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>((g * wp[i]) / b);
+    });
+  });
+  return out;
 }
 
 using torch::autograd::AutogradContext;

@@ -275,6 +275,8 @@ def test_fake_implementations():
         assert out.shape == () and out.dtype == torch.bfloat16 and w.shape == (10,) and m.shape == (19,)
         out, w = torch.ops.varweight_ext.step(loss, lam, *state, [0.0] * 10, True)
         assert w.dtype == torch.float32
+        grad = torch.ops.varweight_ext.scale_grad(torch.ones((), dtype=torch.bfloat16), w, torch.bfloat16)
+        assert grad.shape == (10,) and grad.dtype == torch.bfloat16
 
 
 def test_torch_compile_fullgraph_matches_eager():

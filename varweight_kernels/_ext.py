@@ -230,7 +230,11 @@ def register_fakes() -> None:
     def step_fake(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
         return loss.new_empty(()), torch.empty(loss.shape, dtype=torch.float32, device=loss.device)
 
-    for name, fn in (("forward_moments", forward_moments_fake), ("update", update_fake), ("step", step_fake)):
+    def scale_grad_fake(grad, w, dtype):
+        return torch.empty(w.shape, dtype=dtype, device=w.device)
+
+    for name, fn in (("forward_moments", forward_moments_fake), ("update", update_fake), ("step", step_fake),
+                     ("scale_grad", scale_grad_fake)):
         try:
             torch.library.register_fake(f"{NAMESPACE}::{name}")(fn)
         except RuntimeError as exc:  # already registered (e.g. by a reloaded module)

@@ -75,7 +75,7 @@ class ReferenceBackend(Backend):
 
 _FACTORIES: Dict[str, Callable[[], Backend]] = {"reference": ReferenceBackend}
 _INSTANCES: Dict[str, Backend] = {}
-_RESOLVED: Dict[Tuple[str, torch.device, bool], Backend] = {}
+_RESOLVED: Dict[tuple, Backend] = {}
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
@@ -127,10 +127,13 @@ def available_backends() -> List[str]:
 
 def resolve_backend(name: str, device: torch.device) -> Backend:
     """The backend to run for tensors on ``device``: auto's best pick, or the explicit one if it can run."""
-    key = (name, device, triton_interpret())  # the interpreter switch decides where triton runs
-    if key not in _RESOLVED:
-        _RESOLVED[key] = _resolve(name, torch.device(device))
-    return _RESOLVED[key]
+    # Called every step: one dict lookup. Only an explicit "triton" depends on TRITON_INTERPRET
+    # (it decides whether triton runs on CPU tensors), so only that key reads the environment.
+    key = (name, device, triton_interpret()) if name == "triton" else (name, device)
+    impl = _RESOLVED.get(key)
+    if impl is None:
+        impl = _RESOLVED[key] = _resolve(name, torch.device(device))
+    return impl
 
 
 def _resolve(name: str, device: torch.device) -> Backend:
