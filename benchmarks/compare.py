@@ -62,6 +62,7 @@ COMPILED = "compile(reference)"
 RAW = "raw:"
 BYTES_PER_SAMPLE_FWD = 12  # float32 loss + float32 lam read, float32 weight written
 BYTES_PER_SAMPLE_BWD = 8  # float32 weight read, float32 grad written
+BYTES_PER_SAMPLE_INPUT = 8  # float32 loss + float32 lam read (the CPU bandwidth goal counts these)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +350,7 @@ GOALS = (
     ("cpp step >= 20x eager reference at B=128", 128, "cpp", EAGER, "ratio", 20.0),
     ("cpp step >= 5x eager reference at B=2^20", 1 << 20, "cpp", EAGER, "ratio", 5.0),
     ("cpp step >= 2x torch.compile(reference) at B=128", 128, "cpp", COMPILED, "ratio", 2.0),
-    ("cpp fwd+update >= 2 GB/s at B=2^20", 1 << 20, "cpp", None, "gbs", 2.0),
+    ("cpp fwd+update >= 2 GB/s of input (8 B/sample) at B=2^20", 1 << 20, "cpp", None, "input_gbs", 2.0),
 )
 
 
@@ -364,8 +365,8 @@ def check_goals(cells: Sequence[Cell]) -> List[Dict[str, object]]:
                 value = None
             elif kind == "ratio":
                 value = other.step_us / mine.step_us
-            else:
-                value = mine.fwd_gbs
+            else:  # the issue counts the input only: float32 loss and lam, 8 bytes per sample
+                value = BYTES_PER_SAMPLE_INPUT * batch / (mine.fwd_us * 1e3)
             results.append({"goal": text, "K": bins, "value": value,
                             "met": None if value is None else bool(value >= threshold)})
     return results

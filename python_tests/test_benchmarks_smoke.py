@@ -57,6 +57,18 @@ def test_compare_table_has_every_cpu_backend(compare):
     json.dumps([vars(c) for c in cells])  # the --json payload serialises
 
 
+def test_bandwidth_goal_counts_the_input_bytes(compare):
+    """The CPU goal is 2 GB/s of input, 8 bytes per sample (not the 12 of the table's column)."""
+    batch = 1 << 20
+    cell = compare.Cell(batch, 64, "cpp", fwd_us=8 * batch / 2.0e3, bwd_us=1.0, step_us=1.0, grad_us=1.0,
+                        xfixed_us=0.0, fwd_gbs=12 * batch / (8 * batch / 2.0), step_gbs=1.0)
+    goal = next(g for g in compare.check_goals([cell]) if "GB/s" in g["goal"])
+    assert goal["value"] == pytest.approx(2.0) and goal["met"]
+    cell.fwd_us *= 1.01
+    goal = next(g for g in compare.check_goals([cell]) if "GB/s" in g["goal"])
+    assert not goal["met"]
+
+
 def test_compare_steps_update_the_state(compare):
     runner = compare.make_runner("reference", 32, 8)
     before = int(runner.module.step)
