@@ -17,8 +17,8 @@ import textwrap
 import pytest
 import torch
 
-from backend_cases import assert_records_close, assert_records_equal, edge_cases, random_cases
-from backend_cases import run_case as _shared_run_case
+from backend_cases import (assert_records_close, assert_records_close_half, assert_records_equal, edge_cases,
+                           fresh_state, random_cases, run_case)
 from varweight_kernels import VarianceAwareWeighting, available_backends, reference
 from varweight_kernels import _ext
 from varweight_kernels.backends import backend_reason, get_backend, resolve_backend
@@ -29,30 +29,6 @@ REASON = backend_reason("cpp", torch.device("cpu"))
 # The CPU extension is always built (setup.py), so a missing one is a failure, not a skip.
 if REASON is not None:
     pytest.fail(f"the cpp backend is unavailable: {REASON}", pytrace=False)
-
-
-def run_case(case, backend, **kwargs):
-    """backend_cases.run_case on a private copy of the case: for float64 losses the shared helper
-    turns the case's own tensors into leaves that require grad and accumulates .grad into them,
-    which would leak from one run into the next."""
-    return _shared_run_case(copy.deepcopy(case), backend, **kwargs)
-
-
-HALF_OUT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def fresh_state(K: int, C_dtype=torch.float64):
-    return [torch.zeros(K), torch.zeros(K), torch.zeros(K), torch.zeros(K, dtype=C_dtype), torch.ones(K),
-            torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64)]
-
-
-def compare_half(actual, expected, loss_dtype, what):
-    out_rtol = HALF_OUT_RTOL.get(loss_dtype, 1e-6)
-    for step, (a, e) in enumerate(zip(actual, expected)):
-        for key in e:
-            rtol = out_rtol if key == "out" else 1e-6
-            torch.testing.assert_close(a[key], e[key], rtol=rtol, atol=0.0, equal_nan=True,
-                                       msg=lambda m, key=key, step=step: f"{what} step {step} {key}: {m}")
 
 
 # -- the shared random matrix -----------------------------------------------------------------
@@ -69,7 +45,7 @@ def test_random_matrix_float32(case):
 def test_random_matrix_dtypes(case, loss_dtype, lam_dtype):
     expected = run_case(case, "reference", loss_dtype=loss_dtype, lam_dtype=lam_dtype)
     actual = run_case(case, "cpp", loss_dtype=loss_dtype, lam_dtype=lam_dtype)
-    compare_half(actual, expected, loss_dtype, f"{case.name} {loss_dtype} {lam_dtype}")
+    assert_records_close_half(actual, expected, loss_dtype, f"{case.name} {loss_dtype} {lam_dtype}")
 
 
 @pytest.mark.parametrize("case", edge_cases(), ids=lambda c: c.name)
@@ -77,7 +53,7 @@ def test_random_matrix_dtypes(case, loss_dtype, lam_dtype):
 def test_edge_cases(case, loss_dtype):
     expected = run_case(case, "reference", loss_dtype=loss_dtype)
     actual = run_case(case, "cpp", loss_dtype=loss_dtype)
-    compare_half(actual, expected, loss_dtype, case.name)
+    assert_records_close_half(actual, expected, loss_dtype, case.name)
 
 
 @pytest.mark.parametrize("case", edge_cases()[:3], ids=lambda c: c.name)

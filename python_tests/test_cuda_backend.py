@@ -7,20 +7,17 @@ kernel in float64).
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from backend_cases import assert_records_close, assert_records_equal, edge_cases, random_cases
-from backend_cases import run_case as _shared_run_case
+from backend_cases import (assert_records_close, assert_records_close_half, assert_records_equal, edge_cases,
+                           fresh_state, random_cases, run_case)
 from varweight_kernels import VarianceAwareWeighting, reference
 from varweight_kernels.backends import backend_reason, get_backend
 from varweight_kernels.config import VAWConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-HALF_OUT_RTOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,24 +25,6 @@ def cuda_backend_available():
     reason = backend_reason("cuda", torch.device("cuda"))
     if reason is not None:  # a GPU is here, so the CUDA build must be too
         pytest.fail(f"the cuda backend cannot run on this GPU machine: {reason}", pytrace=False)
-
-
-def run_case(case, backend, **kwargs):
-    return _shared_run_case(copy.deepcopy(case), backend, **kwargs)
-
-
-def fresh_state(K: int, device="cuda"):
-    return [torch.zeros(K, device=device), torch.zeros(K, device=device), torch.zeros(K, device=device),
-            torch.zeros(K, dtype=torch.float64, device=device), torch.ones(K, device=device),
-            torch.zeros((), dtype=torch.int64, device=device), torch.zeros((), dtype=torch.int64, device=device)]
-
-
-def compare(actual, expected, loss_dtype, what):
-    out_rtol = HALF_OUT_RTOL.get(loss_dtype, 1e-6)
-    for step, (a, e) in enumerate(zip(actual, expected)):
-        for key in e:
-            torch.testing.assert_close(a[key], e[key], rtol=out_rtol if key == "out" else 1e-6, atol=0.0,
-                                       equal_nan=True, msg=lambda m, key=key, step=step: f"{what} {step} {key}: {m}")
 
 
 @pytest.mark.parametrize("case", list(random_cases(24, seed=0)) + edge_cases(), ids=lambda c: c.name)
@@ -61,7 +40,7 @@ def test_matches_reference_float32(case):
 def test_dtypes(case, loss_dtype, lam_dtype):
     expected = run_case(case, "reference", loss_dtype=loss_dtype, lam_dtype=lam_dtype)
     actual = run_case(case, "cuda", device="cuda", loss_dtype=loss_dtype, lam_dtype=lam_dtype)
-    compare(actual, expected, loss_dtype, f"{case.name} {loss_dtype} {lam_dtype}")
+    assert_records_close_half(actual, expected, loss_dtype, f"{case.name} {loss_dtype} {lam_dtype}")
 
 
 @pytest.mark.parametrize("case", edge_cases(), ids=lambda c: c.name)
@@ -84,7 +63,7 @@ def test_eval_mode_leaves_state_unchanged():
 def test_split_path_equals_fused_and_moments_match(K):
     backend = get_backend("cuda")
     params = VAWConfig(num_bins=K, min_count=1).kernel_params()
-    split, fused, ref = fresh_state(K), fresh_state(K), fresh_state(K)
+    split, fused, ref = fresh_state(K, device="cuda"), fresh_state(K, device="cuda"), fresh_state(K, device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(K)
     for _ in range(3):
         loss = torch.exp(torch.randn(50_000, device="cuda", generator=gen))
@@ -108,7 +87,7 @@ def test_no_host_sync_and_at_most_two_launches():
     backend = get_backend("cuda")
     K = 64
     params = VAWConfig(num_bins=K).kernel_params()
-    state = fresh_state(K)
+    state = fresh_state(K, device="cuda")
     loss = torch.rand(100_000, device="cuda")
     lam = torch.randn(100_000, device="cuda") * 6
     backend.step(loss, lam, *state, params, True)  # warm-up
@@ -128,7 +107,7 @@ def test_cuda_graph_capture():
     backend = get_backend("cuda")
     K = 32
     params = VAWConfig(num_bins=K, min_count=1).kernel_params()
-    state, eager = fresh_state(K), fresh_state(K)
+    state, eager = fresh_state(K, device="cuda"), fresh_state(K, device="cuda")
     loss = torch.rand(4096, device="cuda")
     lam = torch.randn(4096, device="cuda") * 6
     stream = torch.cuda.Stream()
@@ -155,7 +134,7 @@ def test_large_batch_int64_indexing():
     gen = torch.Generator(device="cuda").manual_seed(0)
     loss = torch.rand(B, device="cuda", generator=gen)
     lam = torch.randn(B, device="cuda", generator=gen) * 8
-    cuda_state, ref_state = fresh_state(K), fresh_state(K)
+    cuda_state, ref_state = fresh_state(K, device="cuda"), fresh_state(K, device="cuda")
     out_c, w_c = get_backend("cuda").step(loss, lam, *cuda_state, params, True)
     out_r, w_r = reference.step(loss, lam, *ref_state, params, True)
     torch.testing.assert_close(out_c, out_r, rtol=1e-5, atol=0)
@@ -167,7 +146,7 @@ def test_large_batch_int64_indexing():
 
 def test_cpp_and_cuda_agree():
     case = next(iter(random_cases(1, seed=11)))
-    compare(run_case(case, "cuda", device="cuda"), run_case(case, "cpp"), torch.float32, case.name)
+    assert_records_close_half(run_case(case, "cuda", device="cuda"), run_case(case, "cpp"), torch.float32, case.name)
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -1,6 +1,5 @@
 """Tests of the diffusion-training parts: weightings, U-Net, formulations, samplers, data, RNG."""
 import math
-import os
 import pickle
 
 import numpy as np

@@ -18,8 +18,8 @@ import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 
-from backend_cases import (assert_records_close, assert_records_equal, edge_cases, random_cases,  # noqa: E402
-                           run_case)
+from backend_cases import (assert_records_close, assert_records_close_out_rtol, assert_records_equal,  # noqa: E402
+                           edge_cases, random_cases, run_case)
 from varweight_kernels import VarianceAwareWeighting, available_backends, reference  # noqa: E402
 from varweight_kernels.backends import get_backend, resolve_backend, triton_interpret  # noqa: E402
 from varweight_kernels.ops import STATE_NAMES  # noqa: E402
@@ -52,11 +52,7 @@ def _quiet_numpy():
 
 
 def _compare(actual, expected, loss_dtype, what):
-    out_rtol = OUT_RTOL[loss_dtype]
-    assert_records_close([{k: v for k, v in r.items() if k != "out"} for r in actual],
-                         [{k: v for k, v in r.items() if k != "out"} for r in expected], rtol=RTOL, what=what)
-    assert_records_close([{"out": r["out"]} for r in actual], [{"out": r["out"]} for r in expected],
-                         rtol=out_rtol, what=what)
+    assert_records_close_out_rtol(actual, expected, rtol=RTOL, out_rtol=OUT_RTOL[loss_dtype], what=what)
 
 
 def _case_params():
