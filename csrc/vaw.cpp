@@ -28,17 +28,7 @@
 
 #include "cpu/vaw_cpu.h"
 
-#define VAW_STR2(x) #x
-#define VAW_STR(x) VAW_STR2(x)
-
-// The build bakes torch.__version__ in as "1" + hex(version) (a pp-number, so the preprocessor
-// never expands any part of it). _ext.py reads this marker from the file before loading it.
-#ifdef VAW_TORCH_VERSION_HEX
-extern "C" __attribute__((used)) const char varweight_build_marker[] =
-    "VARWEIGHT_TORCH_VERSION_HEX=" VAW_STR(VAW_TORCH_VERSION_HEX);
-#else
-extern "C" __attribute__((used)) const char varweight_build_marker[] = "VARWEIGHT_TORCH_VERSION_HEX=unknown";
-#endif
+extern "C" __attribute__((used)) const char varweight_build_marker[] = VAW_BUILD_MARKER_TEXT;
 
 namespace varweight {
 namespace {

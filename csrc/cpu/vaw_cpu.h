@@ -8,6 +8,17 @@
 
 #include <tuple>
 
+// Build marker: setup.py bakes torch.__version__ in as "1" + hex(version) (a pp-number, so the
+// preprocessor never expands any part of it). Each library defines its own marker array from this
+// text; _ext.py reads it from the file before loading the library.
+#define VAW_STR2(x) #x
+#define VAW_STR(x) VAW_STR2(x)
+#ifdef VAW_TORCH_VERSION_HEX
+#define VAW_BUILD_MARKER_TEXT "VARWEIGHT_TORCH_VERSION_HEX=" VAW_STR(VAW_TORCH_VERSION_HEX)
+#else
+#define VAW_BUILD_MARKER_TEXT "VARWEIGHT_TORCH_VERSION_HEX=unknown"
+#endif
+
 namespace varweight {
 
 // The 10 floats of VAWConfig.kernel_params(), in that order.

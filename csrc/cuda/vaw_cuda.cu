@@ -31,15 +31,7 @@
 #include <algorithm>
 #include <type_traits>
 
-#define VAW_STR2(x) #x
-#define VAW_STR(x) VAW_STR2(x)
-
-#ifdef VAW_TORCH_VERSION_HEX
-extern "C" __attribute__((used)) const char varweight_cuda_build_marker[] =
-    "VARWEIGHT_TORCH_VERSION_HEX=" VAW_STR(VAW_TORCH_VERSION_HEX);
-#else
-extern "C" __attribute__((used)) const char varweight_cuda_build_marker[] = "VARWEIGHT_TORCH_VERSION_HEX=unknown";
-#endif
+extern "C" __attribute__((used)) const char varweight_cuda_build_marker[] = VAW_BUILD_MARKER_TEXT;
 
 namespace varweight {
 namespace {
