@@ -38,7 +38,6 @@ def _runner(peer: str, batch: int, num_bins: int) -> compare.Runner:
             pytest.skip(f"backend {peer!r} cannot run on CPU here: {reason}")
     key = (peer, batch, num_bins)
     if key not in _RUNNERS:
-        torch.set_num_threads(1)
         runner = compare.make_runner(peer, batch, num_bins)
         for _ in range(3):  # warm-up; compiles the compiled peer once per shape
             runner.fwd()

@@ -175,6 +175,15 @@ def _plt():
     return plt
 
 
+def _save_figure(fig, path: Path, tight: bool = True) -> bool:
+    """Write a finished figure (120 dpi) and release it; True, for the plot functions to return."""
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return True
+
+
 def _colors(labels: Sequence[str]) -> Dict[str, object]:
     plt = _plt()
     cmap = plt.get_cmap("tab10")
@@ -221,10 +230,7 @@ def plot_metric_vs_step(groups: Dict[str, List[Run]], metric: str, path: Path, m
     ax.set_title(f"{metric_label} vs step: mean across seeds, band = +-1 std")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save_figure(fig, path)
 
 
 def plot_paired_diff_vs_step(groups: Dict[str, List[Run]], pairs: Dict[str, str], metric: str, path: Path,
@@ -260,10 +266,7 @@ def plot_paired_diff_vs_step(groups: Dict[str, List[Run]], pairs: Dict[str, str]
     ax.set_title("Per-seed paired differences (thin), mean with 95% t CI (band)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save_figure(fig, path)
 
 
 def loss_vs_logsnr(runs: Sequence[Run]) -> Optional[Dict[str, np.ndarray]]:
@@ -347,10 +350,7 @@ def plot_loss_vs_logsnr(curves: Dict[str, Dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Loss vs log-SNR, mean +- stderr across seeds ({src})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save_figure(fig, path)
 
 
 def _mean_binstat(runs: Sequence[Run], key: str) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -407,9 +407,7 @@ def plot_variance_heatmap(groups: Dict[str, List[Run]], path: Path) -> bool:
     cb.set_label("log10 loss variance [log10 loss units^2]")
     fig.suptitle("Per-bin variance of the unweighted loss over training (mean across seeds; blank: < 2 samples)",
                  fontsize=9)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save_figure(fig, path, tight=False)  # this figure places its colorbar itself
 
 
 def plot_vaw_weights(groups: Dict[str, List[Run]], path: Path) -> bool:
@@ -434,10 +432,7 @@ def plot_vaw_weights(groups: Dict[str, List[Run]], path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("VAW weight table over training (mean across seeds)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
