@@ -321,8 +321,17 @@ def machine_info(threads: int) -> Dict[str, object]:
         "cpu": model, "logical_cpus": os.cpu_count(), "threads": threads,
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "backends": available_backends(),
+        "backends": available_backends(), "cpu_isa": _cpu_isa(),
     }
+
+
+def _cpu_isa() -> str:
+    """The instruction set the C++ CPU pass uses ("-" without the extension)."""
+    try:
+        from varweight_kernels.cpp_backend import cpu_isa
+        return cpu_isa()
+    except RuntimeError:
+        return "-"
 
 
 def _fmt(x: float, digits: int = 1) -> str:
@@ -402,7 +411,8 @@ def report(info, cells, goals, command: str) -> str:
         f"# VAW step on CPU: {info['cpu']} ({info['logical_cpus']} logical CPUs), {info['threads']} thread(s)",
         f"torch {info['torch']}, Python {info['python']}, {info['platform']}, {info['date']}",
         f"command: {command}",
-        f"peers: {', '.join(info['peers'])}; available backends: {', '.join(info['backends'])}",
+        f"peers: {', '.join(info['peers'])}; available backends: {', '.join(info['backends'])}; "
+        f"C++ CPU pass: {info.get('cpu_isa', '-')} (below B=1024: scalar)",
         "times: median of interleaved repeats, microseconds; ratios: eager reference time / peer time;",
         f"GB/s: {BYTES_PER_SAMPLE_FWD} B/sample (f32 loss + lam read, f32 weights written) / fwd+upd time;",
         "bwd: the op's backward node (what autograd runs for it) timed directly; xfixed: T(grad(vaw)) - T(grad((loss*w).mean())).",

@@ -18,6 +18,8 @@
 //       the backward of a step, grad * w / B in float32 cast to the loss dtype, in one pass
 //       (weighted_step's autograd formula calls it; on CUDA it is one kernel).
 //   build_info() -> str   the torch version this library was compiled against.
+//   cpu_isa(request) -> str   the instruction set of the CPU pass ("" asks; "auto", "scalar",
+//       "avx2", "avx512" choose, for tests and benchmarks); returns the one in use.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -120,6 +122,7 @@ TORCH_LIBRARY(varweight_ext, m) {
       "Tensor(e!) weight, Tensor(f!) step, Tensor(g!) nonfinite, float[] params, bool training) -> (Tensor, Tensor)");
   m.def("scale_grad(Tensor grad, Tensor w, ScalarType dtype) -> Tensor");
   m.def("build_info() -> str", &varweight::build_info);
+  m.def("cpu_isa(str request) -> str", &varweight::cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(varweight_ext, Autograd, m) {

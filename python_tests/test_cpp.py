@@ -8,6 +8,7 @@ above (the moments use the exact loss values); only ``out`` differs, because the
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -20,7 +21,7 @@ import torch
 from backend_cases import (assert_records_close, assert_records_close_half, assert_records_equal, edge_cases,
                            fresh_state, random_cases, run_case)
 from varweight_kernels import VarianceAwareWeighting, available_backends, reference
-from varweight_kernels import _ext
+from varweight_kernels import _ext, cpp_backend
 from varweight_kernels.backends import backend_reason, get_backend, resolve_backend
 from varweight_kernels.config import VAWConfig
 from varweight_kernels.ops import STATE_NAMES
@@ -136,6 +137,53 @@ def test_bitwise_same_for_any_thread_count():
     finally:
         torch.set_num_threads(before)
 
+
+
+@contextlib.contextmanager
+def cpu_isa(name: str):
+    """Run the C++ pass on one instruction set, then go back to the default."""
+    cpp_backend.cpu_isa(name)
+    try:
+        yield
+    finally:
+        cpp_backend.cpu_isa("auto")
+
+
+def supported_isas():
+    best = cpp_backend.cpu_isa("auto")
+    return cpp_backend.CPU_ISAS[:cpp_backend.CPU_ISAS.index(best) + 1]
+
+
+ISA_CASES = (list(random_cases(12, seed=11, max_batch=5000)) + edge_cases()
+             + [c for c in random_cases(40, seed=7, max_batch=100_000) if len(c.batches[0][0]) >= 33_333][:1])
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_instruction_set_gives_bitwise_the_scalar_result(isa, training):
+    """The vectorised float32 passes stage what the scalar pass adds, in the same order."""
+    if isa not in supported_isas():
+        pytest.skip(f"this CPU has no {isa} (the widest it has is {cpp_backend.cpu_isa()})")
+    bins = {c.config.get("num_bins") for c in ISA_CASES}
+    assert {1, 4096} <= bins and any(k > 64 for k in bins) and any(8 < k <= 64 for k in bins)
+    for case in ISA_CASES:
+        with cpu_isa("scalar"):
+            scalar = run_case(case, "cpp", training=training)
+        with cpu_isa(isa):
+            assert cpp_backend.cpu_isa() == isa
+            vector = run_case(case, "cpp", training=training)
+        assert_records_equal(vector, scalar, what=f"{case.name} {isa}")
+
+
+def test_instruction_set_choice_is_checked():
+    best = cpp_backend.cpu_isa("auto")
+    assert best in cpp_backend.CPU_ISAS and cpp_backend.cpu_isa() == best
+    with pytest.raises(RuntimeError, match="unknown CPU instruction set 'sse9'"):
+        cpp_backend.cpu_isa("sse9")
+    for name in cpp_backend.CPU_ISAS[cpp_backend.CPU_ISAS.index(best) + 1:]:
+        with pytest.raises(RuntimeError, match=f"cannot run the '{name}' pass"):
+            cpp_backend.cpu_isa(name)
+    assert cpp_backend.cpu_isa() == best  # a refused request changes nothing
 
 def test_eval_mode_leaves_state_unchanged():
     vaw = VarianceAwareWeighting(num_bins=16, min_count=1, backend="cpp")

@@ -69,6 +69,21 @@ class CudaBackend(_CompiledBackend):
         return None
 
 
+CPU_ISAS = ("scalar", "avx2", "avx512")
+
+
+def cpu_isa(request: str = "") -> str:
+    """The instruction set of the C++ CPU pass, as in use after the call.
+
+    ``""`` only asks. ``"auto"`` (the default) is the widest this CPU has; ``"scalar"``, ``"avx2"``
+    and ``"avx512"`` choose one (an unknown name or one the CPU lacks raises). Every choice gives
+    bitwise the same result, so this is for tests and benchmarks, not for tuning.
+    """
+    if EXTENSION.cpu_reason is not None:
+        raise RuntimeError(f"the cpp backend is unavailable: {EXTENSION.cpu_reason}")
+    return torch.ops.varweight_ext.cpu_isa(request)
+
+
 def build_info() -> Optional[str]:
     """The torch version the loaded C++ library was compiled against (None when not loaded)."""
     if EXTENSION.cpu_reason is not None:

@@ -6,6 +6,7 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <tuple>
 
 // Build marker: setup.py bakes torch.__version__ in as "1" + hex(version) (a pp-number, so the
@@ -116,5 +117,9 @@ std::tuple<at::Tensor, at::Tensor> step_cpu(const at::Tensor& loss, const at::Te
                                             const at::Tensor& weight, const at::Tensor& step,
                                             const at::Tensor& nonfinite, c10::ArrayRef<double> params,
                                             bool training);
+
+// The instruction set of the CPU pass: "" asks, "auto" / "scalar" / "avx2" / "avx512" choose (for
+// tests and benchmarks: every choice gives bitwise the same result). Returns the one in use.
+std::string cpu_isa(std::string request);
 
 }  // namespace varweight
