@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 import os
 import subprocess
 import sys
@@ -322,6 +323,40 @@ def test_torch_compile_fullgraph_matches_eager():
     for name in STATE_NAMES:
         assert torch.equal(getattr(eager, name), getattr(compiled_mod, name)), name
 
+
+
+class _RawStep(torch.nn.Module):
+    """A module whose forward is the fused op alone, on its own VAW state."""
+
+    def __init__(self, num_bins: int):
+        super().__init__()
+        self.vaw = VarianceAwareWeighting(num_bins=num_bins, min_count=2, backend="cpp")
+
+    def forward(self, loss, lam):
+        state = [getattr(self.vaw, name) for name in STATE_NAMES]
+        return torch.ops.varweight_ext.step(loss, lam, *state, list(self.vaw._params), True)
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_torch_export_sees_one_op(strict):
+    """torch.export keeps the fused step as one node (its fake gives the shapes), and the exported
+    program runs it: same out, w and state as eager."""
+    gen = torch.Generator().manual_seed(5)
+    loss, lam = torch.rand(300, generator=gen), torch.randn(300, generator=gen) * 6
+    exported = torch.export.export(_RawStep(16), (loss, lam), strict=strict)
+    calls = [n.target for n in exported.graph.nodes if n.op == "call_function" and n.target is not operator.getitem]
+    assert calls == [torch.ops.varweight_ext.step.default], calls
+    module_calls = [n.target for n in torch.export.export(VarianceAwareWeighting(num_bins=16, backend="cpp"),
+                                                          (loss, lam), strict=strict).graph.nodes
+                    if n.op == "call_function" and "varweight" in str(n.target)]
+    assert module_calls == [torch.ops.varweight.vaw_step.default], module_calls
+    program, eager = exported.module(), _RawStep(16)
+    for _ in range(2):
+        for a, e in zip(program(loss, lam), eager(loss, lam)):
+            assert torch.equal(a, e)
+    buffers = dict(program.named_buffers())
+    for name in STATE_NAMES:
+        assert torch.equal(buffers[f"vaw.{name}"], getattr(eager.vaw, name)), name
 
 def test_torch_compile_of_the_raw_op():
     """The fused op is a single op in the graph (auto-functionalised mutation of the state)."""

@@ -57,7 +57,8 @@ class VarianceAwareWeighting(nn.Module):
         buffers = self._buffers  # direct dict access: this runs every step and must stay cheap
         out, w = vaw(loss, lam, [buffers[name] for name in STATE_NAMES], self._params, self.training, self.sync,
                      self.backend)
-        self.__dict__["last_weights"] = w
+        if not torch.compiler.is_exporting():  # an exported program has no attribute to set
+            self.__dict__["last_weights"] = w
         return out
 
     def _check_inputs(self, loss: torch.Tensor, lam: torch.Tensor) -> None:
