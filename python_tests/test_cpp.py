@@ -176,6 +176,23 @@ def test_every_instruction_set_gives_bitwise_the_scalar_result(isa, training):
         assert_records_equal(vector, scalar, what=f"{case.name} {isa}")
 
 
+
+@pytest.mark.parametrize("batch", [100, 5000], ids=["small", "vectorised"])
+def test_table_entries_of_empty_bins_do_not_reach_the_output(batch):
+    """The pass forms sum(w * L) from per-bin sums: a NaN/inf weight of a bin no sample falls in
+    must not leak into out (the reference never reads it)."""
+    table = torch.tensor([1.5, float("nan"), float("inf"), 0.5, float("-inf"), 2.0])
+    gen = torch.Generator().manual_seed(9)
+    loss = torch.rand(batch, generator=gen)
+    lam = torch.where(torch.rand(batch, generator=gen) < 0.5, torch.tensor(0.5), torch.tensor(5.5))  # bins 0, 5
+    lam[::7] = float("nan")
+    for training in (True, False):
+        expected = reference.forward_moments(loss, lam, table, 0.0, 1.0, training)
+        actual = torch.ops.varweight_ext.forward_moments(loss, lam, table, 0.0, 1.0, training)
+        assert torch.isfinite(actual[0]), actual[0]
+        torch.testing.assert_close(actual[0], expected[0], rtol=1e-6, atol=0)
+        assert torch.equal(actual[1], expected[1])
+
 def test_instruction_set_choice_is_checked():
     best = cpp_backend.cpu_isa("auto")
     assert best in cpp_backend.CPU_ISAS and cpp_backend.cpu_isa() == best

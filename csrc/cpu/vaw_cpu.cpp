@@ -61,7 +61,8 @@ ChunkPlan plan_chunks(int64_t B, int64_t K) {
 // copy. Either way the choice depends on (B, K) only.
 //
 // The weighted loss needs no per-sample accumulation: every sample in row k < K has w = table[k],
-// so sum_i w_i L_i = sum_k table[k] * s_k + excluded, formed once from the chunk totals.
+// so sum_i w_i L_i = sum_k table[k] * s_k + excluded, formed once from the chunk totals (over the
+// bins that saw samples only: the table entry of an empty bin is never read, as in the reference).
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kCopies = 4;
 constexpr int64_t kMaxBinsForCopies = 256;  // above: one copy (see forward_pass)
@@ -430,7 +431,9 @@ double forward_pass(const loss_t* loss, const lam_t* lam, const float* table, fl
     for (int64_t j = 0; j < len; ++j) result[j] += p[j];
   }
   double wsum = 0.0;
-  for (int64_t k = 0; k < K; ++k) wsum += static_cast<double>(table[k]) * result[3 * k + 1];
+  for (int64_t k = 0; k < K; ++k) {  // bins no sample fell in are skipped: their weight may be anything
+    if (result[3 * k] > 0) wsum += static_cast<double>(table[k]) * result[3 * k + 1];
+  }
   return wsum + result[3 * K + 1];
 }
 
