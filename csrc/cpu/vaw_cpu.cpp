@@ -99,23 +99,30 @@ inline int32_t bin_of(float l, const BinParams& bp) {
 
 inline bool finite_double(double x) { return std::fabs(x) <= 1.7976931348623157e308; }
 
+// One sample: its weight `wv` and its histogram row (bp.dump for a sample kept out of the
+// statistics, whose w * L then goes to `excluded`).
+inline int32_t weigh_sample(float l, double L, const float* __restrict__ table, const BinParams& bp, float& wv,
+                            double& excluded) {
+  const bool lam_nan = std::isnan(l);
+  const int32_t b = bin_of(l, bp);
+  wv = lam_nan ? 1.0f : table[b];
+  if (lam_nan || !finite_double(L)) {
+    excluded += static_cast<double>(wv) * L;
+    return bp.dump;
+  }
+  return b;
+}
+
 // The portable pass: any dtype, one sample at a time, straight into the histogram copies.
 template <typename loss_t, typename lam_t>
 void pass_scalar(const loss_t* __restrict__ loss, const lam_t* __restrict__ lam, const float* __restrict__ table,
                  float* __restrict__ w_out, int64_t begin, int64_t end, const BinParams& bp,
                  double* __restrict__ hist, int64_t stride, double& excluded) {
   auto one = [&](int64_t i, double* __restrict__ h) {
-    const float l = static_cast<float>(lam[i]);
-    const bool lam_nan = std::isnan(l);
-    int32_t b = bin_of(l, bp);
-    const float wv = lam_nan ? 1.0f : table[b];
-    w_out[i] = wv;
     const double L = load_loss(loss, i);
-    if (lam_nan || !finite_double(L)) {
-      excluded += static_cast<double>(wv) * L;
-      b = bp.dump;
-    }
-    double* row = h + kRow * b;
+    float wv;
+    double* row = h + kRow * weigh_sample(static_cast<float>(lam[i]), L, table, bp, wv, excluded);
+    w_out[i] = wv;
     row[0] += 1.0;
     row[1] += L;
     row[2] += L * L;
@@ -134,22 +141,15 @@ struct Stage {
   alignas(64) double vals[kRow * kBlock];
 };
 
-// Stages samples [0, n) of a float32 block one at a time (the tails of the vectorised loops).
+// Stages samples [j0, n) of a float32 block one at a time (the tails of the vectorised loops).
 inline void stage_scalar(const float* __restrict__ loss, const float* __restrict__ lam,
                          const float* __restrict__ table, float* __restrict__ w_out, int64_t j0, int64_t n,
                          const BinParams& bp, Stage& st, double& excluded) {
   for (int64_t j = j0; j < n; ++j) {
-    const float l = lam[j];
-    const bool lam_nan = std::isnan(l);
-    int32_t b = bin_of(l, bp);
-    const float wv = lam_nan ? 1.0f : table[b];
-    w_out[j] = wv;
     const double L = loss[j];
-    if (lam_nan || !finite_double(L)) {
-      excluded += static_cast<double>(wv) * L;
-      b = bp.dump;
-    }
-    st.rows[j] = b;
+    float wv;
+    st.rows[j] = weigh_sample(lam[j], L, table, bp, wv, excluded);
+    w_out[j] = wv;
     double* v = st.vals + kRow * j;
     v[0] = 1.0;
     v[1] = L;
