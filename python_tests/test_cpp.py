@@ -198,7 +198,7 @@ def test_instruction_set_choice_is_checked():
     assert best in cpp_backend.CPU_ISAS and cpp_backend.cpu_isa() == best
     with pytest.raises(RuntimeError, match="unknown CPU instruction set 'sse9'"):
         cpp_backend.cpu_isa("sse9")
-    for name in cpp_backend.CPU_ISAS[cpp_backend.CPU_ISAS.index(best) + 1:]:
+    for name in set(cpp_backend.CPU_ISAS) - set(supported_isas()):
         with pytest.raises(RuntimeError, match=f"cannot run the '{name}' pass"):
             cpp_backend.cpu_isa(name)
     assert cpp_backend.cpu_isa() == best  # a refused request changes nothing

@@ -75,9 +75,10 @@ CPU_ISAS = ("scalar", "avx2", "avx512")
 def cpu_isa(request: str = "") -> str:
     """The instruction set of the C++ CPU pass, as in use after the call.
 
-    ``""`` only asks. ``"auto"`` (the default) is the widest this CPU has; ``"scalar"``, ``"avx2"``
-    and ``"avx512"`` choose one (an unknown name or one the CPU lacks raises). Every choice gives
-    bitwise the same result, so this is for tests and benchmarks, not for tuning.
+    ``""`` only asks. ``"auto"`` (the default) is the widest this CPU has, used for batches of
+    1024 samples and more (smaller ones run the scalar pass); ``"scalar"``, ``"avx2"`` and
+    ``"avx512"`` choose one for every batch (an unknown name or one the CPU lacks raises). Every
+    choice gives bitwise the same result, so this is for tests and benchmarks, not for tuning.
     """
     if EXTENSION.cpu_reason is not None:
         raise RuntimeError(f"the cpp backend is unavailable: {EXTENSION.cpu_reason}")

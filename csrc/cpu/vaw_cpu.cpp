@@ -69,7 +69,8 @@ constexpr int64_t kMaxBinsForCopies = 256;  // above: one copy (see forward_pass
 constexpr int64_t kRow = 4;     // doubles per histogram row: n, s, q, pad
 constexpr int64_t kBlock = 256; // samples staged at a time by the vectorised paths (multiple of kCopies)
 
-// Per-chunk result layout: 3 doubles per bin (n, s, q interleaved), then nonfinite, then excluded.
+// Result layout of a chunk and of the pass: the op's moments [n(K), s(K), q(K), nonfinite], then
+// the excluded samples' w * L.
 inline int64_t acc_len(int64_t K) { return 3 * K + 2; }
 
 // Loss values as double: half types and float32 exactly; float64 keeps full precision.
@@ -184,9 +185,10 @@ Isa best_isa() {
 
 std::atomic<int> g_isa_request{-1};  // -1: auto
 
-Isa active_isa() {
+// The instruction set chosen with cpu_isa, or `automatic` when the choice is "auto".
+Isa requested_isa(Isa automatic) {
   const int request = g_isa_request.load(std::memory_order_relaxed);
-  return request < 0 ? best_isa() : static_cast<Isa>(request);
+  return request < 0 ? automatic : static_cast<Isa>(request);
 }
 
 // Batches below this size are "small": "auto" runs the scalar pass (measured on a Xeon with
@@ -194,11 +196,7 @@ Isa active_isa() {
 // on a small batch) and the histogram has one copy.
 constexpr int64_t kSmallBatch = 1024;
 
-Isa pass_isa(int64_t B) {
-  const int request = g_isa_request.load(std::memory_order_relaxed);
-  if (request >= 0) return static_cast<Isa>(request);
-  return B >= kSmallBatch ? best_isa() : Isa::kScalar;
-}
+Isa pass_isa(int64_t B) { return requested_isa(B >= kSmallBatch ? best_isa() : Isa::kScalar); }
 
 #if VAW_X86
 // GCC 12 flags the deliberately undefined registers inside its own AVX-512 intrinsics.
@@ -386,7 +384,7 @@ void fold_chunk(const double* hist, int64_t stride, int64_t K, double excluded, 
     for (int64_t c = 0; c < 3; ++c) {
       const double v = stride == 0 ? r[c] : (r[c] + r[stride + c]) + (r[2 * stride + c] + r[3 * stride + c]);
       if (k < K) {
-        result[3 * k + c] += v;
+        result[c * K + k] += v;
       } else if (c == 0) {
         result[3 * K] += v;  // the non-finite count
       }
@@ -395,8 +393,8 @@ void fold_chunk(const double* hist, int64_t stride, int64_t K, double excluded, 
   result[3 * K + 1] += excluded;
 }
 
-// Runs the pass over the whole batch; `result` (length 3K+2) receives the interleaved sums, the
-// non-finite count and the excluded samples' w * L. Returns sum_i w_i L_i.
+// Runs the pass over the whole batch; `result` (acc_len(K) zeros) receives the moments and the
+// excluded samples' w * L. Returns sum_i w_i L_i.
 template <typename loss_t, typename lam_t>
 double forward_pass(const loss_t* loss, const lam_t* lam, const float* table, float* w_out, int64_t B, int64_t K,
                     double lmin, double scale, double* result) {
@@ -417,13 +415,12 @@ double forward_pass(const loss_t* loss, const lam_t* lam, const float* table, fl
   const int64_t rows_len = kRow * (K + 1);
   const int64_t stride = (K <= kMaxBinsForCopies && B >= kSmallBatch) ? rows_len : 0;
   const int64_t hist_len = stride == 0 ? rows_len : kCopies * rows_len;
-  std::fill(result, result + len, 0.0);
   const ChunkPlan plan = plan_chunks(B, K);
   std::vector<double> partial(static_cast<size_t>((plan.count > 1 ? plan.count : 0) * len), 0.0);
   at::parallel_for(0, plan.count, 1, [&](int64_t c0, int64_t c1) {
     // One scratch per thread, kept between calls: small batches should not pay for an allocation.
     thread_local std::vector<double> hist;
-    hist.resize(static_cast<size_t>(std::max<int64_t>(hist_len, static_cast<int64_t>(hist.size()))));
+    if (static_cast<int64_t>(hist.size()) < hist_len) hist.resize(static_cast<size_t>(hist_len));
     for (int64_t c = c0; c < c1; ++c) {
       std::fill(hist.begin(), hist.begin() + hist_len, 0.0);
       double excluded = 0.0;
@@ -438,7 +435,7 @@ double forward_pass(const loss_t* loss, const lam_t* lam, const float* table, fl
   }
   double wsum = 0.0;
   for (int64_t k = 0; k < K; ++k) {  // bins no sample fell in are skipped: their weight may be anything
-    if (result[3 * k] > 0) wsum += static_cast<double>(table[k]) * result[3 * k + 1];
+    if (result[k] > 0) wsum += static_cast<double>(table[k]) * result[K + k];
   }
   return wsum + result[3 * K + 1];
 }
@@ -455,8 +452,8 @@ void write_out(const at::Tensor& out, double wsum, int64_t B) {
   }
 }
 
-// Forward over (loss, lam) with the given table: fills w, out and the interleaved sums (the
-// statistics are gathered in eval mode too: the weighted mean is formed from them).
+// Forward over (loss, lam) with the given table: fills w, out and `sums` (acc_len(K): the moments,
+// then the excluded w * L; gathered in eval mode too, since the weighted mean is formed from them).
 void forward_impl(const at::Tensor& loss_in, const at::Tensor& lam_in, const at::Tensor& weight_in, double lmin,
                   double scale, at::Tensor& out, at::Tensor& w, std::vector<double>& sums) {
   const at::Tensor loss = loss_in.contiguous();
@@ -591,13 +588,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_moments_cpu(const at::Ten
   if (!training) return {out, w, at::empty({0}, loss.options().dtype(at::kDouble))};
   const int64_t K = weight.numel();
   at::Tensor moments = at::empty({3 * K + 1}, loss.options().dtype(at::kDouble));
-  double* m = moments.data_ptr<double>();
-  for (int64_t k = 0; k < K; ++k) {
-    m[k] = sums[3 * k];
-    m[K + k] = sums[3 * k + 1];
-    m[2 * K + k] = sums[3 * k + 2];
-  }
-  m[3 * K] = sums[3 * K];
+  std::copy(sums.begin(), sums.begin() + 3 * K + 1, moments.data_ptr<double>());
   return {out, w, moments};
 }
 
@@ -630,13 +621,8 @@ std::tuple<at::Tensor, at::Tensor> step_cpu(const at::Tensor& loss, const at::Te
   forward_impl(loss, lam, weight, p.lmin, p.scale, out, w, sums);
   if (training) {
     const int64_t K = M.numel();
-    std::vector<double> m(static_cast<size_t>(3 * K));
-    for (int64_t k = 0; k < K; ++k) {
-      m[k] = sums[3 * k];
-      m[K + k] = sums[3 * k + 1];
-      m[2 * K + k] = sums[3 * k + 2];
-    }
-    update_from(m.data(), m.data() + K, m.data() + 2 * K, sums[3 * K], M, Q, Z, C, weight, step, nonfinite, p);
+    const double* m = sums.data();
+    update_from(m, m + K, m + 2 * K, m[3 * K], M, Q, Z, C, weight, step, nonfinite, p);
   }
   return {out, w};
 }
@@ -655,7 +641,7 @@ std::string cpu_isa(std::string request) {
     }
     g_isa_request.store(want, std::memory_order_relaxed);
   }
-  return kIsaNames[static_cast<int>(active_isa())];
+  return kIsaNames[static_cast<int>(requested_isa(best_isa()))];
 }
 
 }  // namespace varweight
