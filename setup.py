@@ -22,7 +22,7 @@ from setuptools.command.build_py import build_py
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/vaw.cpp", "csrc/cpu/vaw_cpu.cpp"]
 CUDA_SOURCES = ["csrc/cuda/vaw_cuda.cu"]
-HEADERS = ["csrc/cpu/vaw_cpu.h", "csrc/cuda/vaw_cuda.h"]
+HEADERS = ["csrc/common.h", "csrc/bin_update.h", "csrc/cpu/vaw_cpu.h"]
 DEFAULT_ARCHS = ["8.0", "9.0"]
 
 

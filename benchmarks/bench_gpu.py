@@ -229,7 +229,7 @@ SWEEP_SHAPES = ((1 << 16, 64), (1 << 24, 64), (1 << 24, 1024))
 def sweep_triton(warmup_ms: float, rep_ms: float, log=print) -> List[Dict[str, object]]:
     """Time the Triton forward (raw backend step) under each kernel-1 geometry; the state must
     agree with the first geometry's to rounding (same sums, another tree)."""
-    from varweight_kernels import triton_vaw as tv
+    from varweight_kernels.backends import triton as tv
     rows: List[Dict[str, object]] = []
     try:
         for batch, num_bins in SWEEP_SHAPES:

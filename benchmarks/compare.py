@@ -35,7 +35,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -51,7 +50,7 @@ except ImportError:  # running from a checkout that is not installed
 
 from varweight_kernels import VarianceAwareWeighting, available_backends, reference  # noqa: E402
 from varweight_kernels.backends import backend_reason, get_backend  # noqa: E402
-from varweight_kernels.ops import STATE_NAMES, VAWFunction  # noqa: E402
+from varweight_kernels.ops import STATE_NAMES  # noqa: E402
 
 FULL_BATCHES = (128, 4096, 65536, 1 << 20)
 FULL_BINS = (64, 1024)
@@ -69,9 +68,8 @@ BYTES_PER_SAMPLE_INPUT = 8  # float32 loss + float32 lam read (the CPU bandwidth
 # Peers: each one builds a runner for a shape. A runner exposes three callables without arguments.
 # --------------------------------------------------------------------------------------------
 def direct_backward(w: torch.Tensor, grad_out: torch.Tensor, loss_dtype: torch.dtype) -> torch.Tensor:
-    """The op's backward, called directly (the same code autograd runs for every backend)."""
-    ctx = types.SimpleNamespace(saved_tensors=(w,), loss_dtype=loss_dtype)
-    return VAWFunction.backward(ctx, grad_out, None)[0]
+    """The reference backward, called directly (what VAWFunction runs for the reference backend)."""
+    return reference.scale_grad(grad_out, w, loss_dtype)
 
 
 class _CompiledReferenceFunction(torch.autograd.Function):
@@ -87,7 +85,7 @@ class _CompiledReferenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_w):
-        return VAWFunction.backward(ctx, grad_out, grad_w)[0], None, None, None, None
+        return direct_backward(ctx.saved_tensors[0], grad_out, ctx.loss_dtype), None, None, None, None
 
 
 def _raise_recompile_limit(limit: int = 256) -> None:
@@ -132,7 +130,7 @@ def make_runner(peer: str, batch: int, num_bins: int, device="cpu", seed: int = 
     if raw:
         impl = get_backend(backend)
         state = [getattr(module, n) for n in STATE_NAMES]
-        params = list(module._params)
+        params = module._params
         detached = loss.detach()
 
         def fwd():
@@ -152,7 +150,7 @@ def make_runner(peer: str, batch: int, num_bins: int, device="cpu", seed: int = 
         _raise_recompile_limit()
         step_fn = torch.compile(reference.step, dynamic=dynamic)
         state = [getattr(module, n) for n in STATE_NAMES]
-        params = list(module._params)
+        params = module._params
 
         def fwd():
             out, w = _CompiledReferenceFunction.apply(loss, lam, step_fn, state, params)
@@ -328,7 +326,7 @@ def machine_info(threads: int) -> Dict[str, object]:
 def _cpu_isa() -> str:
     """The instruction set the C++ CPU pass uses ("-" without the extension)."""
     try:
-        from varweight_kernels.cpp_backend import cpu_isa
+        from varweight_kernels.backends.compiled import cpu_isa
         return cpu_isa()
     except RuntimeError:
         return "-"

@@ -113,7 +113,7 @@ print("available backends:", varweight_kernels.available_backends())
 for name in backends.BACKEND_NAMES:
     print(f"  {name}: cuda -> {backends.backend_reason(name, torch.device('cuda'))}; "
           f"cpu -> {backends.backend_reason(name, torch.device('cpu'))}")
-from varweight_kernels import _ext
+from varweight_kernels.backends import extension as _ext
 import glob, re
 for lib in sorted(glob.glob("varweight_kernels/*.so")):
     data = open(lib, "rb").read()

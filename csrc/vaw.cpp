@@ -1,11 +1,11 @@
-// varweight extension: operator schemas (namespace varweight_ext) and the CPU registrations.
+// varweight extension: operator schemas (namespace varweight_ext) and the autograd of weighted_step.
 //
 // The ops are single dispatcher calls, so torch.compile / torch.export see each as one op (their
-// fake implementations are registered from Python, varweight_kernels/_ext.py). The CUDA kernels
-// live in a separate library (csrc/cuda/vaw_cuda.cu) that registers the CUDA dispatch key with
-// TORCH_LIBRARY_IMPL when it is built.
+// fake implementations are registered from Python, varweight_kernels/backends/extension.py). Each
+// device's kernels register their own dispatch key: cpu/vaw_cpu.cpp (built into this library) and
+// cuda/vaw_cuda.cu (a separate library, built when CUDA is).
 //
-//   forward_moments(loss, lam, weight, lmin, scale, training) -> (out, w, moments)
+//   forward_moments(loss, lam, weight, lmin, bin_scale, training) -> (out, w, moments)
 //       moments: float64 [n(K), s(K), q(K), nonfinite] in training mode, an empty tensor otherwise.
 //   update(moments, M, Q, Z, C, weight, step, nonfinite, params) -> ()       (state in place)
 //   step(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training) -> (out, w)
@@ -23,9 +23,6 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-
 #include <string>
 
 #include "cpu/vaw_cpu.h"
@@ -36,27 +33,6 @@ namespace varweight {
 namespace {
 
 std::string build_info() { return std::string(varweight_build_marker); }
-
-// Backward of a step on CPU: grad * w / B in float32, cast to the loss dtype, with the roundings
-// of reference.scale_grad (float32 product, IEEE float32 division, one cast), in one loop.
-at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& w_in, at::ScalarType dtype) {
-  check_scale_grad(grad, w_in, dtype);
-  TORCH_CHECK(w_in.device().is_cpu() && grad.device().is_cpu(), "varweight: scale_grad_cpu got tensors on ",
-              w_in.device());
-  const at::Tensor w = w_in.contiguous();
-  const int64_t B = w.numel();
-  const float g = grad.to(at::kFloat).item<float>();
-  const float b = static_cast<float>(B);
-  at::Tensor out = at::empty({B}, w.options().dtype(dtype));
-  const float* wp = w.const_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "varweight_scale_grad_cpu", [&] {
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B, 32768, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>((g * wp[i]) / b);
-    });
-  });
-  return out;
-}
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
@@ -109,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_step_autograd(const at::Tensor& loss
 
 TORCH_LIBRARY(varweight_ext, m) {
   m.def(
-      "forward_moments(Tensor loss, Tensor lam, Tensor weight, float lmin, float scale, bool training) "
+      "forward_moments(Tensor loss, Tensor lam, Tensor weight, float lmin, float bin_scale, bool training) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "update(Tensor moments, Tensor(a!) M, Tensor(b!) Q, Tensor(c!) Z, Tensor(d!) C, Tensor(e!) weight, "
@@ -127,11 +103,4 @@ TORCH_LIBRARY(varweight_ext, m) {
 
 TORCH_LIBRARY_IMPL(varweight_ext, Autograd, m) {
   m.impl("weighted_step", &varweight::weighted_step_autograd);
-}
-
-TORCH_LIBRARY_IMPL(varweight_ext, CPU, m) {
-  m.impl("forward_moments", &varweight::forward_moments_cpu);
-  m.impl("update", &varweight::update_cpu);
-  m.impl("step", &varweight::step_cpu);
-  m.impl("scale_grad", &varweight::scale_grad_cpu);
 }

@@ -22,9 +22,10 @@ import torch
 from backend_cases import (assert_records_close, assert_records_close_half, assert_records_equal, edge_cases,
                            fresh_state, random_cases, run_case)
 from varweight_kernels import VarianceAwareWeighting, available_backends, reference
-from varweight_kernels import _ext, cpp_backend
+from varweight_kernels.backends import compiled as cpp_backend
+from varweight_kernels.backends import extension as _ext
 from varweight_kernels.backends import backend_reason, get_backend, resolve_backend
-from varweight_kernels.config import VAWConfig
+from varweight_kernels.config import KernelParams, VAWConfig
 from varweight_kernels.ops import STATE_NAMES
 
 REASON = backend_reason("cpp", torch.device("cpu"))
@@ -268,8 +269,9 @@ def test_op_rejects_bad_arguments():
     op = torch.ops.varweight_ext
     with pytest.raises(RuntimeError, match="same length"):
         op.step(torch.rand(4), torch.rand(5), *state, params, True)
-    with pytest.raises(RuntimeError, match="10 floats"):
+    with pytest.raises(RuntimeError, match="10 floats") as info:
         op.step(torch.rand(4), torch.rand(4), *state, params[:3], True)
+    assert "[" + ", ".join(KernelParams._fields) + "]" in str(info.value)  # C++ Params: the same names
     with pytest.raises(RuntimeError, match="float32"):
         op.forward_moments(torch.rand(4), torch.rand(4), torch.ones(8, dtype=torch.float64), 0.0, 1.0, True)
     with pytest.raises(RuntimeError, match="3K\\+1"):
@@ -396,7 +398,7 @@ def test_torch_compile_of_the_raw_op():
 
 # -- build / loader ------------------------------------------------------------------------------
 def test_loaded_library_matches_torch():
-    from varweight_kernels import cpp_backend
+    from varweight_kernels.backends import compiled as cpp_backend
 
     assert cpp_backend.build_info() == torch.__version__
     assert cpp_backend.EXTENSION.cpu_origin in ("prebuilt", "jit", "already loaded")
@@ -431,7 +433,7 @@ def test_stale_build_without_jit_is_unavailable_not_a_crash(tmp_path):
     stale.write_bytes(_ext.MARKER_PREFIX + b"1" + b"0.0.1".hex().encode() + b"\x00")
     script = textwrap.dedent(f"""
         import warnings, torch
-        from varweight_kernels import _ext
+        from varweight_kernels.backends import extension as _ext
         s = _ext.load_extensions(cpu_path={str(stale)!r}, allow_jit=False)
         assert s.cpu_reason is not None and "0.0.1" in s.cpu_reason and "{_ext.NO_JIT_ENV}" in s.cpu_reason, s
         assert s.cuda_reason is not None

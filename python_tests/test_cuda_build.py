@@ -16,7 +16,7 @@ from typing import List, Tuple
 import pytest
 import torch
 
-from varweight_kernels import _ext
+from varweight_kernels.backends import extension as _ext
 
 FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
 FATBIN_KIND_PTX, FATBIN_KIND_ELF = 1, 2

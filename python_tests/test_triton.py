@@ -1,7 +1,7 @@
 """The Triton backend against the reference, on CUDA and, through Triton's interpreter, on CPU.
 
 Without a CUDA device this module sets ``TRITON_INTERPRET=1`` before anything imports Triton or
-``varweight_kernels.triton_vaw`` (Triton picks interpreter or compiler when a kernel is defined),
+``varweight_kernels.backends.triton`` (Triton picks interpreter or compiler when a kernel is defined),
 so the kernels run on CPU tensors; with a CUDA device they are compiled and tested on it.
 The interpreter is slow, so it gets a small slice of the random matrix; CUDA gets all of it.
 """
@@ -24,7 +24,7 @@ from varweight_kernels import VarianceAwareWeighting, available_backends, refere
 from varweight_kernels.backends import get_backend, resolve_backend, triton_interpret  # noqa: E402
 from varweight_kernels.ops import STATE_NAMES  # noqa: E402
 
-from varweight_kernels import triton_vaw  # noqa: E402
+from varweight_kernels.backends import triton as triton_vaw  # noqa: E402
 
 if triton_vaw.triton is None:
     pytest.skip(f"the Triton backend cannot run: {triton_vaw._IMPORT_ERROR}", allow_module_level=True)
@@ -164,7 +164,7 @@ class _CountingKernel:
 @pytest.mark.parametrize("training", [True, False])
 def test_at_most_two_launches_per_step(device, training, monkeypatch):
     launches = []
-    for name in ("_bin_partials_kernel", "_finalise_kernel"):
+    for name in ("_bin_partials_kernel", "_finalize_kernel"):
         monkeypatch.setattr(triton_vaw, name, _CountingKernel(getattr(triton_vaw, name), launches))
     module = VarianceAwareWeighting(num_bins=32, min_count=0, backend="triton").to(device).train(training)
     module(torch.rand(300, device=device), torch.randn(300, device=device) * 6)

@@ -3,7 +3,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Tuple
+from typing import NamedTuple, Tuple
+
+
+class KernelParams(NamedTuple):
+    """The scalars of a step, by the names every backend uses (the C++ ``Params``, the Triton
+    kernels' parameter offsets). A tuple of floats, so it passes as a ``float[]`` to the ops."""
+
+    lmin: float
+    bin_scale: float
+    decay: float
+    power: float
+    eps: float
+    min_count: float
+    wmin: float
+    wmax: float
+    warmup: float
+    ramp: float
+
+
+def as_kernel_params(params) -> KernelParams:
+    """Names a plain sequence of the ten floats (the ops pass lists: the compiled ops parse them fastest)."""
+    return params if isinstance(params, KernelParams) else KernelParams._make(params)
 
 
 @dataclass(frozen=True)
@@ -52,12 +73,14 @@ class VAWConfig:
         lmin, lmax = self.logsnr_range
         return self.num_bins / (lmax - lmin)
 
-    def kernel_params(self) -> list:
-        """The scalar parameters in the order every backend's update kernel takes them."""
+    def kernel_params(self) -> KernelParams:
+        """The scalars every backend's kernels take."""
         lmin, _ = self.logsnr_range
         wmin, wmax = self.weight_range
-        return [float(lmin), float(self.bin_scale), float(self.decay), float(self.power), float(self.eps),
-                float(self.min_count), float(wmin), float(wmax), float(self.warmup_steps), float(self.ramp_steps)]
+        return KernelParams(lmin=float(lmin), bin_scale=float(self.bin_scale), decay=float(self.decay),
+                            power=float(self.power), eps=float(self.eps), min_count=float(self.min_count),
+                            wmin=float(wmin), wmax=float(wmax), warmup=float(self.warmup_steps),
+                            ramp=float(self.ramp_steps))
 
     def to_dict(self) -> dict:
         d = asdict(self)

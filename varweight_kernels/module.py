@@ -40,7 +40,7 @@ class VarianceAwareWeighting(nn.Module):
                 raise RuntimeError(f"VAW backend {backend!r} cannot run on this machine: {reason}")
         self.sync = bool(sync)
         self.backend = backend
-        self._params = self.config.kernel_params()
+        self._params = list(self.config.kernel_params())  # the ops' float[]: a list parses fastest
         K = self.config.num_bins
         self.register_buffer("M", torch.zeros(K, dtype=torch.float32))
         self.register_buffer("Q", torch.zeros(K, dtype=torch.float32))
@@ -62,6 +62,17 @@ class VarianceAwareWeighting(nn.Module):
         return out
 
     def _check_inputs(self, loss: torch.Tensor, lam: torch.Tensor) -> None:
+        # One expression for the common case (this runs every step); the messages only on failure.
+        try:
+            ok = (len(loss.shape) == 1 and lam.shape == loss.shape and loss.shape[0] > 0
+                  and loss.dtype.is_floating_point and lam.dtype.is_floating_point
+                  and lam.device == loss.device == self._buffers["M"].device)
+        except AttributeError:
+            ok = False
+        if not ok:
+            self._raise_bad_inputs(loss, lam)
+
+    def _raise_bad_inputs(self, loss, lam) -> None:
         if not isinstance(loss, torch.Tensor) or not isinstance(lam, torch.Tensor):
             raise TypeError(f"loss and lam must be tensors, got {type(loss).__name__} and {type(lam).__name__}")
         shape = loss.shape
@@ -71,10 +82,8 @@ class VarianceAwareWeighting(nn.Module):
         if not (loss.dtype.is_floating_point and lam.dtype.is_floating_point):
             bad, t = ("loss", loss) if not loss.dtype.is_floating_point else ("lam", lam)
             raise TypeError(f"{bad} must have a floating dtype, got {t.dtype}")
-        device = loss.device
-        if lam.device != device or self._buffers["M"].device != device:
-            raise RuntimeError(f"loss, lam and the VAW state must be on one device, got loss on {loss.device}, "
-                               f"lam on {lam.device} and the state on {self.M.device}")
+        raise RuntimeError(f"loss, lam and the VAW state must be on one device, got loss on {loss.device}, "
+                           f"lam on {lam.device} and the state on {self.M.device}")
 
     def _apply(self, fn, recurse=True):
         # ``model.half()`` / ``.double()`` must not change the state's dtypes (SPEC: float32 M, Q, Z,

@@ -1,20 +1,26 @@
-"""The VAW step as a ``torch.library`` custom op with autograd and a fake implementation.
+"""The VAW step as a functional op, an autograd Function and a ``torch.library`` custom op.
 
-``torch.ops.varweight.vaw_step`` runs one training step on the chosen backend: it returns the
-weighted mean and the per-sample weights, and updates the state tensors in place. It is one
-opaque op to ``torch.compile``, so ``torch.compile(fullgraph=True)`` traces through a call of
-the module without a graph break. Backward is ``grad * w / B`` for ``loss``; ``lam`` and the
-state get no gradient.
+:func:`vaw` is the one place that decides how a call runs, with the backend resolved once:
+
+* under ``torch.compile``: :class:`VAWFunction` around the custom op ``torch.ops.varweight.vaw_step``
+  (one opaque node with a fake implementation, so ``fullgraph=True`` traces without a break);
+* training under DDP (``sync`` and world > 1): :class:`VAWFunction` running the two phases with one
+  ``all_reduce`` of the moments between them;
+* otherwise the backend's native autograd step when it has one (the compiled backends), else
+  :class:`VAWFunction` around the backend's fused ``step``.
+
+Backward is ``grad * w / B`` for ``loss``; ``lam`` and the state get no gradient.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from . import reference
-from .backends import resolve_backend
+from .backends import Backend, resolve_backend
+from .config import as_kernel_params
 
 STATE_NAMES = ("M", "Q", "Z", "C", "weight", "step", "nonfinite")
 
@@ -37,59 +43,84 @@ def sync_moments(moments: torch.Tensor) -> None:
     moments.copy_(host)
 
 
-def run_step(loss: torch.Tensor, lam: torch.Tensor, M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor,
-             C: torch.Tensor, weight: torch.Tensor, step_count: torch.Tensor, nonfinite: torch.Tensor,
-             params: List[float], training: bool, sync: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One step on the resolved backend, with the DDP all_reduce between its two phases."""
+def _splits_for_ddp(training: bool, sync: bool) -> bool:
+    return training and sync and distributed_world() > 1
+
+
+def _run(impl: Backend, loss, lam, state, params: Sequence[float], training: bool, split: bool):
+    """One step on ``impl``: the fused step, or (``split``) the two phases around the all_reduce."""
+    if not split:
+        return impl.step(loss, lam, *state, params, training)
+    named = as_kernel_params(params)
+    out, w, moments = impl.forward_moments(loss, lam, state[4], named.lmin, named.bin_scale, True)
+    sync_moments(moments)
+    impl.update(moments, *state, params)
+    return out, w
+
+
+@torch.library.custom_op("varweight::vaw_step", mutates_args=("M", "Q", "Z", "C", "weight", "step_count",
+                                                              "nonfinite"))
+def _vaw_step_op(loss: torch.Tensor, lam: torch.Tensor, M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor,
+                 C: torch.Tensor, weight: torch.Tensor, step_count: torch.Tensor, nonfinite: torch.Tensor,
+                 params: List[float], training: bool, sync: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What ``torch.compile`` sees: one step on the named backend, state updated in place."""
     impl = resolve_backend(backend, loss.device)
-    if training and sync and distributed_world() > 1:
-        out, w, moments = impl.forward_moments(loss, lam, weight, params[0], params[1], True)
-        sync_moments(moments)
-        impl.update(moments, M, Q, Z, C, weight, step_count, nonfinite, params)
-        return out, w
-    return impl.step(loss, lam, M, Q, Z, C, weight, step_count, nonfinite, params, training)
+    return _run(impl, loss, lam, (M, Q, Z, C, weight, step_count, nonfinite), params, training,
+                _splits_for_ddp(training, sync))
 
 
-vaw_step = torch.library.custom_op(
-    "varweight::vaw_step", run_step, mutates_args=("M", "Q", "Z", "C", "weight", "step_count", "nonfinite"))
-
-
-@vaw_step.register_fake
+@_vaw_step_op.register_fake
 def _vaw_step_fake(loss, lam, M, Q, Z, C, weight, step_count, nonfinite, params, training, sync, backend):
     return loss.new_empty(()), torch.empty(loss.shape, dtype=torch.float32, device=loss.device)
 
 
 class VAWFunction(torch.autograd.Function):
-    """Autograd wrapper of the step: forward runs the step, backward is ``grad * w / B``."""
+    """Autograd wrapper of the step: forward runs it, backward is ``grad * w / B``.
+
+    ``backend`` is a backend name or an already resolved :class:`~varweight_kernels.backends.Backend`.
+    """
 
     @staticmethod
-    def forward(ctx, loss, lam, M, Q, Z, C, weight, step_count, nonfinite, params, training, sync, backend):
-        # torch.compile sees the registered op; eager calls skip its dispatch layers (about 60 us).
-        step = torch.ops.varweight.vaw_step if torch.compiler.is_compiling() else run_step
-        out, w = step(loss.detach(), lam, M, Q, Z, C, weight, step_count, nonfinite, params, training, sync, backend)
+    def forward(ctx, loss, lam, M, Q, Z, C, weight, step_count, nonfinite, params, training, sync,
+                backend: Union[str, Backend]):
+        state = (M, Q, Z, C, weight, step_count, nonfinite)
+        if torch.compiler.is_compiling():
+            name = backend.name if isinstance(backend, Backend) else backend
+            out, w = torch.ops.varweight.vaw_step(loss.detach(), lam, *state, list(params), training, sync, name)
+            ctx.impl = None  # compiled: backward in torch ops
+        else:
+            impl = backend if isinstance(backend, Backend) else resolve_backend(backend, loss.device)
+            out, w = _run(impl, loss.detach(), lam, state, params, training,
+                          _splits_for_ddp(training, sync))
+            ctx.impl = impl
         ctx.save_for_backward(w)
         ctx.loss_dtype = loss.dtype
-        # Eager: the backend's own backward (one launch where it has one); compiled: torch ops.
-        ctx.backend_impl = None if torch.compiler.is_compiling() else resolve_backend(backend, loss.device)
         ctx.mark_non_differentiable(w)
         return out, w
 
     @staticmethod
     def backward(ctx, grad_out, grad_w):
         (w,) = ctx.saved_tensors
-        impl = getattr(ctx, "backend_impl", None)
-        if impl is None or torch.compiler.is_compiling():
+        if ctx.impl is None or torch.compiler.is_compiling():
             grad_loss = reference.scale_grad(grad_out, w, ctx.loss_dtype)
         else:
-            grad_loss = impl.backward(grad_out, w, ctx.loss_dtype)
+            grad_loss = ctx.impl.backward(grad_out, w, ctx.loss_dtype)
         return (grad_loss,) + (None,) * 12
 
 
 def vaw(loss: torch.Tensor, lam: torch.Tensor, state: Sequence[torch.Tensor], params: Sequence[float],
         training: bool = True, sync: bool = True, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
-    """Functional form: ``state`` holds (M, Q, Z, C, weight, step, nonfinite); returns (out, w)."""
-    if not torch.compiler.is_compiling() and not (training and sync and distributed_world() > 1):
-        native = resolve_backend(backend, loss.device).differentiable_step
-        if native is not None:
-            return native(loss, lam, *state, params, training)
-    return VAWFunction.apply(loss, lam, *state, params, training, sync, backend)
+    """Functional form: ``state`` holds (M, Q, Z, C, weight, step, nonfinite); returns (out, w).
+
+    ``params`` is a :class:`~varweight_kernels.config.KernelParams` or the same ten floats as a
+    list (the compiled ops parse a plain list fastest).
+    """
+    if torch.compiler.is_compiling():
+        return VAWFunction.apply(loss, lam, *state, params, training, sync, backend)
+    impl = resolve_backend(backend, loss.device)
+    split = _splits_for_ddp(training, sync)
+    if not (loss.requires_grad and torch.is_grad_enabled()):  # nothing to differentiate: no autograd node
+        return _run(impl, loss, lam, state, params, training, split)
+    if impl.autograd_step is not None and not split:
+        return impl.autograd_step(loss, lam, *state, params, training)
+    return VAWFunction.apply(loss, lam, *state, params, training, sync, impl)

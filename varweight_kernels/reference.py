@@ -17,9 +17,11 @@ float32 state buffers; ``C`` is float64.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
+
+from .config import KernelParams
 
 # Cap on the un-normalised weight so that sum(pi * raw) stays finite for any power.
 RAW_WEIGHT_CAP = 1e300
@@ -37,12 +39,12 @@ def bin_index(lam: torch.Tensor, lmin: float, scale: float, num_bins: int) -> to
     return torch.where(torch.isnan(u), torch.zeros_like(u), u).to(torch.int64)
 
 
-def forward_moments(loss: torch.Tensor, lam: torch.Tensor, weight: torch.Tensor, lmin: float, scale: float,
+def forward_moments(loss: torch.Tensor, lam: torch.Tensor, weight: torch.Tensor, lmin: float, bin_scale: float,
                     training: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Weighted mean, per-sample weights and (training only) the packed moment buffer."""
     num_bins = weight.numel()
     batch = loss.numel()
-    idx = bin_index(lam, lmin, scale, num_bins)
+    idx = bin_index(lam, lmin, bin_scale, num_bins)
     lam_nan = torch.isnan(lam)
     w = torch.where(lam_nan, torch.ones((), dtype=weight.dtype, device=weight.device), weight[idx])
     acc = accumulation_dtype(loss.dtype)
@@ -72,12 +74,11 @@ def bin_mean_var(M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor) -> Tuple[tor
 
 
 def weight_table(M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor, C: torch.Tensor, step: torch.Tensor,
-                 params: Sequence[float]) -> torch.Tensor:
+                 params: KernelParams) -> torch.Tensor:
     """SPEC step 7 in float64: the weight table for the next batch (float32)."""
-    _, _, _, power, eps, min_count, wmin, wmax, warmup, ramp = params
     _, var = bin_mean_var(M, Q, Z)
-    raw = torch.pow(var + eps, -power / 2.0).clamp_max(RAW_WEIGHT_CAP)
-    ready = C >= min_count
+    raw = torch.pow(var + params.eps, -params.power / 2.0).clamp_max(RAW_WEIGHT_CAP)
+    ready = C >= params.min_count
     ready_count = torch.where(ready, C, torch.zeros_like(C))
     total_ready = ready_count.sum()
     fill = torch.where(total_ready > 0, (ready_count * raw).sum() / total_ready.clamp_min(1.0),
@@ -86,24 +87,23 @@ def weight_table(M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor, C: torch.Ten
     total = C.sum()
     pi = torch.where(total > 0, C / total.clamp_min(1.0), torch.full_like(C, 1.0 / C.numel()))
     norm = (pi * raw).sum()
-    w = torch.where(norm > 0, (raw / torch.where(norm > 0, norm, torch.ones_like(norm))).clamp(wmin, wmax),
-                    torch.ones_like(raw))
+    scaled = raw / torch.where(norm > 0, norm, torch.ones_like(norm))
+    w = torch.where(norm > 0, scaled.clamp(params.wmin, params.wmax), torch.ones_like(raw))
     steps = step.double()
-    if ramp > 0:
-        r = ((steps - warmup) / ramp).clamp(max=1.0)
+    if params.ramp > 0:
+        r = ((steps - params.warmup) / params.ramp).clamp(max=1.0)
         w = 1.0 + r * (w - 1.0)
-    w = torch.where(steps <= warmup, torch.ones_like(w), w)
+    w = torch.where(steps <= params.warmup, torch.ones_like(w), w)
     return w.to(torch.float32)
 
 
 def update(moments: torch.Tensor, M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor, C: torch.Tensor,
-           weight: torch.Tensor, step: torch.Tensor, nonfinite: torch.Tensor, params: Sequence[float]) -> None:
+           weight: torch.Tensor, step: torch.Tensor, nonfinite: torch.Tensor, params: KernelParams) -> None:
     """SPEC steps 6-7, in place: EMA of the bins that saw samples, counters, next weight table."""
     num_bins = M.numel()
-    decay = params[2]
     n, s, q = moments[:num_bins], moments[num_bins:2 * num_bins], moments[2 * num_bins:3 * num_bins]
     seen = n > 0
-    a = torch.pow(decay, n)
+    a = torch.pow(params.decay, n)
     safe_n = torch.where(seen, n, torch.ones_like(n))
     for buf, total in ((M, s), (Q, q)):
         old = buf.double()
@@ -118,9 +118,9 @@ def update(moments: torch.Tensor, M: torch.Tensor, Q: torch.Tensor, Z: torch.Ten
 
 def step(loss: torch.Tensor, lam: torch.Tensor, M: torch.Tensor, Q: torch.Tensor, Z: torch.Tensor,
          C: torch.Tensor, weight: torch.Tensor, step_count: torch.Tensor, nonfinite: torch.Tensor,
-         params: Sequence[float], training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+         params: KernelParams, training: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The whole step (no distributed sync): returns ``(out, w)`` and updates the state."""
-    out, w, moments = forward_moments(loss, lam, weight, params[0], params[1], training)
+    out, w, moments = forward_moments(loss, lam, weight, params.lmin, params.bin_scale, training)
     if moments is not None:
         update(moments, M, Q, Z, C, weight, step_count, nonfinite, params)
     return out, w

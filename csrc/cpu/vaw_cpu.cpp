@@ -6,12 +6,14 @@
 // and the partials are added in chunk order. The result is therefore bitwise the same for any
 // number of threads, and for every instruction set the pass can use (see "Instruction sets").
 // update: EMA of the bins that saw samples and the next weight table, in double precision, exactly
-// as reference.update / reference.weight_table.
+// as reference.update / reference.weight_table (the per-bin math of ../bin_update.h).
+// backward (scale_grad): one loop. All are registered for the CPU dispatch key at the end.
 #include "vaw_cpu.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -33,7 +35,6 @@
 namespace varweight {
 namespace {
 
-constexpr double kRawWeightCap = 1e300;  // reference.RAW_WEIGHT_CAP
 constexpr int64_t kMinChunk = 16384;
 constexpr int64_t kMaxChunks = 256;
 
@@ -84,7 +85,7 @@ inline double load_loss<double>(const double* p, int64_t i) {
 }
 
 struct BinParams {
-  float lmin, scale, kmax;  // float32 lmin, bin scale and K - 1
+  float lmin, bin_scale, kmax;  // float32 lmin, bin scale and K - 1
   int32_t dump;             // K: the row of the samples left out of the statistics
 };
 
@@ -92,7 +93,7 @@ struct BinParams {
 // then int. Clamping first and truncating is the same: floor is monotone and the bounds are
 // integers, and truncation is floor on [0, K-1]. NaN lam: bin 0 (the caller masks it).
 inline int32_t bin_of(float l, const BinParams& bp) {
-  float u = (l - bp.lmin) * bp.scale;
+  float u = (l - bp.lmin) * bp.bin_scale;
   u = u < 0.0f ? 0.0f : u;
   u = u > bp.kmax ? bp.kmax : u;
   return std::isnan(l) ? 0 : static_cast<int32_t>(u);
@@ -248,7 +249,7 @@ VAW_TARGET_AVX2 void stage_avx2(const float* __restrict__ loss, const float* __r
                                 const float* __restrict__ table, const float* __restrict__ table8,
                                 float* __restrict__ w_out, int64_t n, const BinParams& bp, Stage& st,
                                 double& excluded) {
-  const __m256 vl = _mm256_set1_ps(bp.lmin), vs = _mm256_set1_ps(bp.scale), vk = _mm256_set1_ps(bp.kmax);
+  const __m256 vl = _mm256_set1_ps(bp.lmin), vs = _mm256_set1_ps(bp.bin_scale), vk = _mm256_set1_ps(bp.kmax);
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 fmax = _mm256_set1_ps(3.4028234663852886e38f);
@@ -288,7 +289,7 @@ VAW_TARGET_AVX512 void stage_avx512(const float* __restrict__ loss, const float*
                                     const float* __restrict__ table, const float* __restrict__ table64,
                                     float* __restrict__ w_out, int64_t n, const BinParams& bp, Stage& st,
                                     double& excluded) {
-  const __m512 vl = _mm512_set1_ps(bp.lmin), vs = _mm512_set1_ps(bp.scale), vk = _mm512_set1_ps(bp.kmax);
+  const __m512 vl = _mm512_set1_ps(bp.lmin), vs = _mm512_set1_ps(bp.bin_scale), vk = _mm512_set1_ps(bp.kmax);
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   const __m512 fmax = _mm512_set1_ps(3.4028234663852886e38f);
   const __m512i dump = _mm512_set1_epi32(bp.dump);
@@ -397,8 +398,8 @@ void fold_chunk(const double* hist, int64_t stride, int64_t K, double excluded, 
 // excluded samples' w * L. Returns sum_i w_i L_i.
 template <typename loss_t, typename lam_t>
 double forward_pass(const loss_t* loss, const lam_t* lam, const float* table, float* w_out, int64_t B, int64_t K,
-                    double lmin, double scale, double* result) {
-  const BinParams bp{static_cast<float>(lmin), static_cast<float>(scale), static_cast<float>(K - 1),
+                    double lmin, double bin_scale, double* result) {
+  const BinParams bp{static_cast<float>(lmin), static_cast<float>(bin_scale), static_cast<float>(K - 1),
                      static_cast<int32_t>(K)};
   const Isa isa = pass_isa(B);
   // The table padded for the in-register lookups (K <= 8 with AVX2, K <= 64 with AVX-512).
@@ -455,7 +456,7 @@ void write_out(const at::Tensor& out, double wsum, int64_t B) {
 // Forward over (loss, lam) with the given table: fills w, out and `sums` (acc_len(K): the moments,
 // then the excluded w * L; gathered in eval mode too, since the weighted mean is formed from them).
 void forward_impl(const at::Tensor& loss_in, const at::Tensor& lam_in, const at::Tensor& weight_in, double lmin,
-                  double scale, at::Tensor& out, at::Tensor& w, std::vector<double>& sums) {
+                  double bin_scale, at::Tensor& out, at::Tensor& w, std::vector<double>& sums) {
   const at::Tensor loss = loss_in.contiguous();
   const at::Tensor lam = lam_in.contiguous();
   const at::Tensor table = weight_in.contiguous();
@@ -471,28 +472,10 @@ void forward_impl(const at::Tensor& loss_in, const at::Tensor& lam_in, const at:
       using lam_t = scalar_t;
       wsum = forward_pass<loss_t, lam_t>(loss.const_data_ptr<loss_t>(), lam.const_data_ptr<lam_t>(),
                                          table.const_data_ptr<float>(), w.mutable_data_ptr<float>(), B, K, lmin,
-                                         scale, sums.data());
+                                         bin_scale, sums.data());
     });
     write_out<loss_t>(out, wsum, B);
   });
-}
-
-// x ** e as torch.pow(tensor, python float) computes it on CPU (its special exponents included).
-inline double pow_scalar(double x, double e) {
-  if (e == 0.0) return 1.0;
-  if (e == 1.0) return x;
-  if (e == 0.5) return std::sqrt(x);
-  if (e == -0.5) return 1.0 / std::sqrt(x);
-  if (e == 2.0) return x * x;
-  if (e == -1.0) return 1.0 / x;
-  if (e == -2.0) return 1.0 / (x * x);
-  if (e == 3.0) return x * x * x;
-  return std::pow(x, e);
-}
-
-inline double clamp_nan(double x, double lo, double hi) {  // torch.clamp: NaN propagates
-  if (std::isnan(x)) return x;
-  return std::min(std::max(x, lo), hi);
 }
 
 // SPEC steps 6-7 from n, s, q (each K long) and the non-finite count.
@@ -501,38 +484,21 @@ void update_impl(const double* n, const double* s, const double* q, double nonfi
                  float* Z, c_t* C, float* weight, int64_t* step, int64_t* nonfinite, int64_t K, const Params& p) {
   // 6. EMA of the bins that saw samples.
   for (int64_t k = 0; k < K; ++k) {
-    const double nk = n[k];
-    if (nk > 0) {
-      const double a = std::pow(p.decay, nk);
-      const double oma = 1.0 - a;
-      M[k] = static_cast<float>(a * static_cast<double>(M[k]) + oma * (s[k] / nk));
-      Q[k] = static_cast<float>(a * static_cast<double>(Q[k]) + oma * (q[k] / nk));
-      Z[k] = static_cast<float>(a * static_cast<double>(Z[k]) + oma);
-    }
-    C[k] += static_cast<c_t>(nk);
+    if (n[k] > 0) ema_bin(n[k], s[k], q[k], p.decay, M[k], Q[k], Z[k]);
+    C[k] += static_cast<c_t>(n[k]);
   }
   *step += 1;
   *nonfinite += static_cast<int64_t>(nonfinite_count);
 
   // 7. Weight table (reference.weight_table).
   std::vector<double> raw(static_cast<size_t>(K));
-  const double expo = -p.power / 2.0;
   double total_ready = 0.0, ready_raw = 0.0, total = 0.0;
   for (int64_t k = 0; k < K; ++k) {
-    const double z = Z[k];
-    double var = 0.0;
-    if (z > 0) {
-      const double mu = static_cast<double>(M[k]) / z;
-      var = static_cast<double>(Q[k]) / z - mu * mu;
-      var = var < 0.0 ? 0.0 : var;  // clamp_min(0); NaN stays NaN
-    }
-    double r = pow_scalar(var + p.eps, expo);
-    r = r > kRawWeightCap ? kRawWeightCap : r;  // clamp_max; NaN stays NaN
-    raw[k] = r;
+    raw[k] = raw_weight(M[k], Q[k], Z[k], p);
     const double ck = static_cast<double>(C[k]);
-    const double rc = ck >= p.min_count ? ck : 0.0;
+    const double rc = ready_count(ck, p);
     total_ready += rc;
-    ready_raw += rc * r;
+    ready_raw += rc * raw[k];
     total += ck;
   }
   const double fill = total_ready > 0 ? ready_raw / std::max(total_ready, 1.0) : 1.0;
@@ -544,15 +510,7 @@ void update_impl(const double* n, const double* s, const double* q, double nonfi
     norm += pi * raw[k];
   }
   const double steps = static_cast<double>(*step);
-  const bool in_warmup = steps <= p.warmup;
-  double r = 1.0;
-  if (p.ramp > 0) r = std::min((steps - p.warmup) / p.ramp, 1.0);
-  for (int64_t k = 0; k < K; ++k) {
-    double w = norm > 0 ? clamp_nan(raw[k] / norm, p.wmin, p.wmax) : 1.0;
-    if (p.ramp > 0) w = 1.0 + r * (w - 1.0);
-    if (in_warmup) w = 1.0;
-    weight[k] = static_cast<float>(w);
-  }
+  for (int64_t k = 0; k < K; ++k) weight[k] = table_weight(raw[k], norm, steps, p);
 }
 
 void update_from(const double* n, const double* s, const double* q, double nonfinite_count, const at::Tensor& M,
@@ -575,16 +533,37 @@ void check_cpu(const at::Tensor& t, const char* what) {
               "; use the 'cuda' backend for CUDA tensors");
 }
 
+// Backward of a step on CPU: grad * w / B in float32, cast to the loss dtype, with the roundings
+// of reference.scale_grad (float32 product, IEEE float32 division, one cast), in one loop.
+at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& w_in, at::ScalarType dtype) {
+  check_scale_grad(grad, w_in, dtype);
+  TORCH_CHECK(w_in.device().is_cpu() && grad.device().is_cpu(), "varweight: scale_grad_cpu got tensors on ",
+              w_in.device());
+  const at::Tensor w = w_in.contiguous();
+  const int64_t B = w.numel();
+  const float g = grad.to(at::kFloat).item<float>();
+  const float b = static_cast<float>(B);
+  at::Tensor out = at::empty({B}, w.options().dtype(dtype));
+  const float* wp = w.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "varweight_scale_grad_cpu", [&] {
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, B, 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) o[i] = static_cast<scalar_t>((g * wp[i]) / b);
+    });
+  });
+  return out;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_moments_cpu(const at::Tensor& loss, const at::Tensor& lam,
                                                                    const at::Tensor& weight, double lmin,
-                                                                   double scale, bool training) {
+                                                                   double bin_scale, bool training) {
   check_inputs(loss, lam, weight);
   check_cpu(loss, "loss");
   at::Tensor out, w;
   std::vector<double> sums;
-  forward_impl(loss, lam, weight, lmin, scale, out, w, sums);
+  forward_impl(loss, lam, weight, lmin, bin_scale, out, w, sums);
   if (!training) return {out, w, at::empty({0}, loss.options().dtype(at::kDouble))};
   const int64_t K = weight.numel();
   at::Tensor moments = at::empty({3 * K + 1}, loss.options().dtype(at::kDouble));
@@ -618,7 +597,7 @@ std::tuple<at::Tensor, at::Tensor> step_cpu(const at::Tensor& loss, const at::Te
   check_cpu(M, "the state");
   at::Tensor out, w;
   std::vector<double> sums;
-  forward_impl(loss, lam, weight, p.lmin, p.scale, out, w, sums);
+  forward_impl(loss, lam, weight, p.lmin, p.bin_scale, out, w, sums);
   if (training) {
     const int64_t K = M.numel();
     const double* m = sums.data();
@@ -645,3 +624,10 @@ std::string cpu_isa(std::string request) {
 }
 
 }  // namespace varweight
+
+TORCH_LIBRARY_IMPL(varweight_ext, CPU, m) {
+  m.impl("forward_moments", &varweight::forward_moments_cpu);
+  m.impl("update", &varweight::update_cpu);
+  m.impl("step", &varweight::step_cpu);
+  m.impl("scale_grad", &varweight::scale_grad_cpu);
+}

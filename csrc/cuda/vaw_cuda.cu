@@ -17,7 +17,7 @@
 //      the next weight table, all in double precision.
 // Backward (scale_grad) is one elementwise launch.
 // The result is deterministic: the same bits on every run for the same shapes.
-#include "vaw_cuda.h"
+#include "../common.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -47,11 +47,6 @@ constexpr int64_t kPartialBudget = int64_t(1) << 21;  // doubles of per-block pa
 constexpr int64_t kSmemHistMax = 5120;                // doubles of shared histogram (40 KiB)
 constexpr int64_t kPerWarpMaxBins = 128;              // per-warp histograms: kWarps * 3K doubles (24 KiB at most)
 constexpr int64_t kFewRows = 32;                      // finalise: one thread per entry up to this many rows
-constexpr double kRawWeightCap = 1e300;
-
-struct DevParams {
-  double decay, power, eps, min_count, wmin, wmax, warmup, ramp;
-};
 
 // Grid of the main pass: a function of (B, K) only.
 struct Grid {
@@ -258,23 +253,6 @@ __device__ double3 block_sum3(double3 v, double3* sh) {
   return r;
 }
 
-// x ** e as torch.pow(tensor, python float) computes it (its special exponents included).
-__device__ __forceinline__ double pow_scalar(double x, double e) {
-  if (e == 0.0) return 1.0;
-  if (e == 1.0) return x;
-  if (e == 0.5) return sqrt(x);
-  if (e == -0.5) return 1.0 / sqrt(x);
-  if (e == 2.0) return __dmul_rn(x, x);
-  if (e == -1.0) return 1.0 / x;
-  if (e == -2.0) return 1.0 / __dmul_rn(x, x);
-  if (e == 3.0) return __dmul_rn(__dmul_rn(x, x), x);
-  return pow(x, e);
-}
-
-__device__ __forceinline__ double clamp_nan(double x, double lo, double hi) {  // torch.clamp: NaN propagates
-  return isnan(x) ? x : fmin(fmax(x, lo), hi);
-}
-
 template <typename T>
 __device__ __forceinline__ void store_out(T* out, double mean) {
   *out = static_cast<T>(static_cast<float>(mean));  // the reference accumulates these in float32
@@ -290,7 +268,7 @@ template <typename out_t, typename c_t>
 __global__ void __launch_bounds__(kFinalThreads)
     vaw_finalize_kernel(const double* __restrict__ partials, int64_t G, int64_t stride, int K, int64_t hist_len,
                         bool has_wsum, int64_t B, out_t* out, double* moments_out, double* scratch, float* M,
-                        float* Q, float* Z, c_t* C, float* weight, int64_t* step, int64_t* nonfinite, DevParams p) {
+                        float* Q, float* Z, c_t* C, float* weight, int64_t* step, int64_t* nonfinite, Params p) {
   __shared__ double sh[33];
   __shared__ double3 sh3[33];
   __shared__ double s_nonfinite;
@@ -333,34 +311,18 @@ __global__ void __launch_bounds__(kFinalThreads)
     *nonfinite += static_cast<int64_t>(s_nonfinite);
   }
   // 6. EMA of the bins that saw samples; then the weight table inputs from the float32 state.
-  const double expo = -p.power / 2.0;
   double tr = 0.0, trr = 0.0, tc = 0.0;
   for (int k = tid; k < K; k += kFinalThreads) {
     const double nk = scratch[k];
-    if (nk > 0) {
-      const double a = pow(p.decay, nk);
-      const double oma = __dsub_rn(1.0, a);
-      M[k] = static_cast<float>(__dadd_rn(__dmul_rn(a, static_cast<double>(M[k])), __dmul_rn(oma, scratch[K + k] / nk)));
-      Q[k] = static_cast<float>(
-          __dadd_rn(__dmul_rn(a, static_cast<double>(Q[k])), __dmul_rn(oma, scratch[2 * K + k] / nk)));
-      Z[k] = static_cast<float>(__dadd_rn(__dmul_rn(a, static_cast<double>(Z[k])), oma));
-    }
+    if (nk > 0) ema_bin(nk, scratch[K + k], scratch[2 * K + k], p.decay, M[k], Q[k], Z[k]);
     C[k] += static_cast<c_t>(nk);
-    const double z = Z[k];
-    double var = 0.0;
-    if (z > 0) {
-      const double mu = static_cast<double>(M[k]) / z;
-      var = __dsub_rn(static_cast<double>(Q[k]) / z, __dmul_rn(mu, mu));
-      var = var < 0.0 ? 0.0 : var;
-    }
-    double r = pow_scalar(__dadd_rn(var, p.eps), expo);
-    r = r > kRawWeightCap ? kRawWeightCap : r;
+    const double r = raw_weight(M[k], Q[k], Z[k], p);
     scratch[3 * K + k] = r;
     const double ck = static_cast<double>(C[k]);
-    const double rc = ck >= p.min_count ? ck : 0.0;
-    tr = __dadd_rn(tr, rc);
-    trr = __dadd_rn(trr, __dmul_rn(rc, r));
-    tc = __dadd_rn(tc, ck);
+    const double rc = ready_count(ck, p);
+    tr += rc;
+    trr += rc * r;
+    tc += ck;
   }
   double3 sums = block_sum3(make_double3(tr, trr, tc), sh3);
   const double total_ready = sums.x;
@@ -374,18 +336,10 @@ __global__ void __launch_bounds__(kFinalThreads)
     const double r = ck >= p.min_count ? scratch[3 * K + k] : fill;
     scratch[3 * K + k] = r;
     const double pi = total > 0 ? ck / fmax(total, 1.0) : 1.0 / static_cast<double>(K);
-    tn = __dadd_rn(tn, __dmul_rn(pi, r));
+    tn += pi * r;
   }
   const double norm = block_sum(tn, sh);  // its barriers also publish s_step
-  const double steps = s_step;
-  const bool in_warmup = steps <= p.warmup;
-  const double ramp_r = p.ramp > 0 ? fmin((steps - p.warmup) / p.ramp, 1.0) : 1.0;
-  for (int k = tid; k < K; k += kFinalThreads) {
-    double w = norm > 0 ? clamp_nan(scratch[3 * K + k] / norm, p.wmin, p.wmax) : 1.0;
-    if (p.ramp > 0) w = __dadd_rn(1.0, __dmul_rn(ramp_r, __dsub_rn(w, 1.0)));
-    if (in_warmup) w = 1.0;
-    weight[k] = static_cast<float>(w);
-  }
+  for (int k = tid; k < K; k += kFinalThreads) weight[k] = table_weight(scratch[3 * K + k], norm, s_step, p);
 }
 
 void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* what) {
@@ -402,7 +356,7 @@ struct PassOut {
 
 // Launch 1: w and the per-block partial rows.
 PassOut run_pass(const at::Tensor& loss, const at::Tensor& lam, const at::Tensor& table, const at::Tensor& w,
-                 double lmin, double scale, bool training, cudaStream_t stream) {
+                 double lmin, double bin_scale, bool training, cudaStream_t stream) {
   const int64_t B = loss.numel();
   const int64_t K = table.numel();
   const Grid grid = plan_grid(B, K);
@@ -415,7 +369,7 @@ PassOut run_pass(const at::Tensor& loss, const at::Tensor& lam, const at::Tensor
                       : use_smem ? static_cast<size_t>(hist_len) * sizeof(double)
                                  : 0;
   const float lminf = static_cast<float>(lmin);
-  const float scalef = static_cast<float>(scale);
+  const float scalef = static_cast<float>(bin_scale);
   const float kmaxf = static_cast<float>(K - 1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loss.scalar_type(), "varweight_cuda_loss", [&] {
     using loss_t = scalar_t;
@@ -434,17 +388,13 @@ PassOut run_pass(const at::Tensor& loss, const at::Tensor& lam, const at::Tensor
   return PassOut{partials, grid.blocks, stride, hist_len};
 }
 
-DevParams dev_params(const Params& p) {
-  return DevParams{p.decay, p.power, p.eps, p.min_count, p.wmin, p.wmax, p.warmup, p.ramp};
-}
-
 // Launch 2 (or the only launch of update): see vaw_finalize_kernel.
 void run_finalize(const double* partials, int64_t G, int64_t stride, int64_t K, int64_t hist_len, bool has_wsum,
                   int64_t B, const at::Tensor* out, double* moments_out, const at::Tensor* state, const Params* p,
                   const at::Tensor& like, cudaStream_t stream) {
   at::Tensor scratch;
   if (state != nullptr) scratch = at::empty({4 * K}, like.options().dtype(at::kDouble));
-  const DevParams dp = p != nullptr ? dev_params(*p) : DevParams{};
+  const Params dp = p != nullptr ? *p : Params{};
   const c10::ScalarType out_type = out != nullptr ? out->scalar_type() : at::kDouble;
   const c10::ScalarType c_type = state != nullptr ? state[3].scalar_type() : at::kDouble;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_type, "varweight_cuda_finalize", [&] {
@@ -476,7 +426,7 @@ void run_finalize(const double* partials, int64_t G, int64_t stride, int64_t K, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_moments_cuda(const at::Tensor& loss_in, const at::Tensor& lam_in,
                                                                     const at::Tensor& weight_in, double lmin,
-                                                                    double scale, bool training) {
+                                                                    double bin_scale, bool training) {
   check_inputs(loss_in, lam_in, weight_in);
   check_cuda(loss_in, loss_in, "loss");
   const c10::cuda::CUDAGuard guard(loss_in.device());
@@ -489,7 +439,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_moments_cuda(const at::Te
   at::Tensor w = at::empty({B}, loss.options().dtype(at::kFloat));
   at::Tensor out = at::empty({}, loss.options());
   at::Tensor moments = at::empty({training ? 3 * K + 1 : 0}, loss.options().dtype(at::kDouble));
-  const PassOut pass = run_pass(loss, lam, table, w, lmin, scale, training, stream);
+  const PassOut pass = run_pass(loss, lam, table, w, lmin, bin_scale, training, stream);
   run_finalize(pass.partials.const_data_ptr<double>(), pass.blocks, pass.stride, K, pass.hist_len, true, B, &out,
                training ? moments.mutable_data_ptr<double>() : nullptr, nullptr, nullptr, loss, stream);
   return {out, w, moments};
@@ -530,7 +480,7 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const at::Tensor& loss_in, const at
   const int64_t K = M.numel();
   at::Tensor w = at::empty({B}, loss.options().dtype(at::kFloat));
   at::Tensor out = at::empty({}, loss.options());
-  const PassOut pass = run_pass(loss, lam, weight, w, p.lmin, p.scale, training, stream);
+  const PassOut pass = run_pass(loss, lam, weight, w, p.lmin, p.bin_scale, training, stream);
   const at::Tensor state[] = {M, Q, Z, C, weight, step, nonfinite};
   run_finalize(pass.partials.const_data_ptr<double>(), pass.blocks, pass.stride, K, pass.hist_len, true, B, &out,
                nullptr, training ? state : nullptr, training ? &p : nullptr, loss, stream);

@@ -1,7 +1,7 @@
 """Loader of the compiled kernels (``varweight_kernels._C`` and ``varweight_kernels._C_cuda``).
 
-The libraries register the ops ``torch.ops.varweight_ext.{forward_moments, update, step}`` when
-loaded. Each carries the ``torch.__version__`` it was compiled against as a marker string; the
+The libraries register the ops ``torch.ops.varweight_ext.{forward_moments, update, step,
+weighted_step, scale_grad, build_info, cpu_isa}`` when loaded (``csrc/vaw.cpp`` has their schemas). Each carries the ``torch.__version__`` it was compiled against as a marker string; the
 marker is read from the file BEFORE the library is loaded, so a build for another torch is never
 dlopen'ed (that could crash on undefined symbols or ABI changes). When the CPU library is missing,
 was built for another torch, or fails to load, a warning is issued once and the CPU kernels are
@@ -19,7 +19,7 @@ import re
 import threading
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -29,7 +29,7 @@ CUDA_MODULE = "varweight_kernels._C_cuda"
 MARKER_PREFIX = b"VARWEIGHT_TORCH_VERSION_HEX="
 NO_JIT_ENV = "VARWEIGHT_NO_JIT"
 FORCE_JIT_ENV = "VARWEIGHT_FORCE_JIT"
-SOURCE_FILES = ("vaw.cpp", "cpu/vaw_cpu.cpp", "cpu/vaw_cpu.h")
+SOURCE_FILES = ("vaw.cpp", "cpu/vaw_cpu.cpp", "cpu/vaw_cpu.h", "common.h", "bin_update.h")
 INSTALL_HINT = "rebuild with `pip install --no-build-isolation .` against the installed torch"
 
 
@@ -43,10 +43,7 @@ class ExtensionStatus:
 
     cpu_reason: Optional[str] = None
     cuda_reason: Optional[str] = None
-    cpu_origin: Optional[str] = None  # "prebuilt" or "jit"
-    cpu_path: Optional[str] = None
-    cuda_path: Optional[str] = None
-    warnings: List[str] = dataclasses.field(default_factory=list)
+    cpu_origin: Optional[str] = None  # "prebuilt", "jit" or "already loaded"
 
 
 def read_marker(path: str) -> Optional[str]:
@@ -107,8 +104,8 @@ def load_library(path: str) -> Optional[str]:
 
 def source_dir() -> Optional[Path]:
     """csrc/ shipped in the package (``_csrc``) or of a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "_csrc", package.parent / "csrc"):
         if all((candidate / f).is_file() for f in SOURCE_FILES):
             return candidate
     return None
@@ -140,8 +137,8 @@ def load_extensions(cpu_path: Optional[str] = None, cuda_path: Optional[str] = N
     status = ExtensionStatus()
     allow_jit = (not env_flag(NO_JIT_ENV)) if allow_jit is None else allow_jit
     force_jit = env_flag(FORCE_JIT_ENV) if force_jit is None else force_jit
-    status.cpu_path = cpu_path = cpu_path if cpu_path is not None else find_library(CPU_MODULE)
-    status.cuda_path = cuda_path = cuda_path if cuda_path is not None else find_library(CUDA_MODULE)
+    cpu_path = cpu_path if cpu_path is not None else find_library(CPU_MODULE)
+    cuda_path = cuda_path if cuda_path is not None else find_library(CUDA_MODULE)
 
     if ops_registered("CPU"):  # already loaded in this process (e.g. a module reload)
         status.cpu_origin = "already loaded"
@@ -158,7 +155,6 @@ def load_extensions(cpu_path: Optional[str] = None, cuda_path: Optional[str] = N
                 message = (f"varweight: {problem}. Falling back to a just-in-time build of the C++ CPU kernels "
                            f"with torch.utils.cpp_extension.load (cached in TORCH_EXTENSIONS_DIR or "
                            f"~/.cache/torch_extensions; set {NO_JIT_ENV}=1 to disable). To fix: {INSTALL_HINT}.")
-                status.warnings.append(message)
                 if warn is not None:
                     warn(message)
                 try:

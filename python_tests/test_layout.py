@@ -1,0 +1,99 @@
+"""The package's architecture as tests: no import cycle, and the core never imports the trainer side."""
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+import varweight_kernels
+
+PACKAGE_DIR = Path(varweight_kernels.__file__).resolve().parent
+PACKAGE = "varweight_kernels"
+APPLICATION = ("training", "evaluation", "experiments")  # may import the core, never the reverse
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_modules() -> Dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
+
+
+def imported_modules(name: str, path: Path, known: Set[str]) -> Set[str]:
+    """Package modules that ``name`` imports anywhere in its file (functions included)."""
+    is_package = path.name == "__init__.py"
+    here = name if is_package else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = here.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    modules = package_modules()
+    known = set(modules)
+    return {name: imported_modules(name, path, known) for name, path in modules.items()}
+
+
+def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
+    """One import cycle as a list of modules, or [] when there is none (iterative DFS)."""
+    state: Dict[str, int] = {}  # 1: on the current path, 2: done
+    for root in sorted(graph):
+        if state.get(root):
+            continue
+        path, stack = [root], [iter(sorted(graph[root]))]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph[nxt])))
+    return []
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_graph_sees_relative_and_absolute_imports():
+    graph = import_graph()
+    assert f"{PACKAGE}.backends.base" in graph[f"{PACKAGE}.backends.triton"]
+    assert f"{PACKAGE}.reference" in graph[f"{PACKAGE}.backends.base"]
+    assert f"{PACKAGE}.module" in graph[PACKAGE]
+
+
+def test_package_has_no_import_cycle():
+    cycle = find_cycle(import_graph())
+    assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_core_never_imports_the_application_side():
+    application = tuple(f"{PACKAGE}.{sub}" for sub in APPLICATION)
+    offenders = {name: sorted(t for t in targets if t.startswith(application))
+                 for name, targets in import_graph().items() if not name.startswith(application)}
+    assert not {k: v for k, v in offenders.items() if v}, offenders
+
+
+def test_registry_is_a_leaf():
+    graph = import_graph()
+    assert graph[f"{PACKAGE}.backends.registry"] == set()
+    importers = {name for name, targets in graph.items() if f"{PACKAGE}.backends.registry" in targets}
+    assert importers == {f"{PACKAGE}.backends"}, importers

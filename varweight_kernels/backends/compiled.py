@@ -1,0 +1,94 @@
+"""The compiled backends: "cpp" (C++ CPU kernels) and "cuda" (CUDA kernels).
+
+Both call the ops ``torch.ops.varweight_ext.*`` registered by the extension (see
+:mod:`.extension` for how it is found, version-checked and, on a mismatch, rebuilt just in time).
+The fused ``step`` is one dispatcher call that bins, gathers, reduces and updates the state.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import extension
+from .base import Backend
+
+# Import-time check: loads (or JIT-builds) the extension once, warning once on a mismatch.
+EXTENSION = extension.status()
+CPU_ISAS = ("scalar", "avx2", "avx512")
+
+
+def _op(name: str):
+    return getattr(getattr(torch.ops, extension.NAMESPACE), name).default
+
+
+if EXTENSION.cpu_reason is None:
+    _FORWARD_MOMENTS = _op("forward_moments")
+    _UPDATE = _op("update")
+    _STEP = _op("step")
+    _WEIGHTED_STEP = _op("weighted_step")
+    _SCALE_GRAD = _op("scale_grad")
+else:
+    _FORWARD_MOMENTS = _UPDATE = _STEP = _WEIGHTED_STEP = _SCALE_GRAD = None
+
+
+class _CompiledBackend(Backend):
+    def forward_moments(self, loss, lam, weight, lmin, bin_scale, training):
+        out, w, moments = _FORWARD_MOMENTS(loss, lam, weight, float(lmin), float(bin_scale), bool(training))
+        return out, w, (moments if training else None)
+
+    def update(self, moments, M, Q, Z, C, weight, step, nonfinite, params):
+        _UPDATE(moments, M, Q, Z, C, weight, step, nonfinite, params)
+
+    def step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
+        return _STEP(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training)
+
+    def backward(self, grad_out, w, loss_dtype):
+        return _SCALE_GRAD(grad_out, w, loss_dtype)
+
+    def autograd_step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
+        return _WEIGHTED_STEP(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training)
+
+
+class CppBackend(_CompiledBackend):
+    devices = ("cpu",)
+
+    def unavailable_reason(self) -> Optional[str]:
+        return EXTENSION.cpu_reason
+
+
+class CudaBackend(_CompiledBackend):
+    devices = ("cuda",)
+
+    def unavailable_reason(self) -> Optional[str]:
+        if EXTENSION.cuda_reason is not None:
+            return EXTENSION.cuda_reason
+        if not torch.cuda.is_available():
+            return "needs a CUDA device (torch.cuda.is_available() is False)"
+        return None
+
+
+def cpu_isa(request: str = "") -> str:
+    """The instruction set of the C++ CPU pass, as in use after the call.
+
+    ``""`` only asks. ``"auto"`` (the default) is the widest this CPU has, used for batches of
+    1024 samples and more (smaller ones run the scalar pass); ``"scalar"``, ``"avx2"`` and
+    ``"avx512"`` choose one for every batch (an unknown name or one the CPU lacks raises). Every
+    choice gives bitwise the same result, so this is for tests and benchmarks, not for tuning.
+    """
+    if EXTENSION.cpu_reason is not None:
+        raise RuntimeError(f"the cpp backend is unavailable: {EXTENSION.cpu_reason}")
+    return torch.ops.varweight_ext.cpu_isa(request)
+
+
+def build_info() -> Optional[str]:
+    """The torch version the loaded C++ library was compiled against (None when not loaded)."""
+    if EXTENSION.cpu_reason is not None:
+        return None
+    marker = torch.ops.varweight_ext.build_info()
+    prefix = extension.MARKER_PREFIX.decode()
+    hexed = marker[len(prefix):] if marker.startswith(prefix) else ""
+    try:
+        return bytes.fromhex(hexed[1:]).decode() if hexed.startswith("1") else None
+    except ValueError:
+        return None
