@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "num_groups", "FourierEmbedding", "PositionalEmbedding"]
+__all__ = ["UNet", "checked_inputs", "num_groups", "FourierEmbedding", "PositionalEmbedding"]
 
 
 def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
@@ -43,6 +43,20 @@ def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+def checked_inputs(x: torch.Tensor, c_noise, in_channels: int) -> torch.Tensor:
+    """Validate ``x`` as (B, in_channels, H, W) and return ``c_noise`` as a (B,) tensor on
+    ``x``'s device (a scalar is broadcast to the batch), so every network accepts the same input."""
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"x must be (B, {in_channels}, H, W), got {tuple(x.shape)}")
+    c_noise = torch.as_tensor(c_noise, device=x.device)
+    if c_noise.dim() == 0:
+        c_noise = c_noise.expand(x.shape[0])
+    c_noise = c_noise.reshape(-1)
+    if c_noise.shape[0] != x.shape[0]:
+        raise ValueError(f"c_noise must have shape ({x.shape[0]},), got {tuple(c_noise.shape)}")
+    return c_noise
 
 
 class FourierEmbedding(nn.Module):
@@ -197,14 +211,7 @@ class UNet(nn.Module):
         self.conv_out = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        c_noise = torch.as_tensor(c_noise, device=x.device)
-        if c_noise.dim() == 0:
-            c_noise = c_noise.expand(x.shape[0])
-        c_noise = c_noise.reshape(-1)
-        if c_noise.shape[0] != x.shape[0]:
-            raise ValueError(f"c_noise must have shape ({x.shape[0]},), got {tuple(c_noise.shape)}")
+        c_noise = checked_inputs(x, c_noise, self.in_channels)
         emb = self.emb_mlp(self.noise_emb(c_noise).to(x.dtype))
         emb = F.silu(emb)
 
