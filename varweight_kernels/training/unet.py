@@ -11,11 +11,15 @@ Noise embedding of ``c_noise`` (shape (B,), float):
 - ``"positional"``: the transformer sinusoidal embedding (DDPM), suited to integer timesteps
   ``c_noise = t`` in ``[0, T)``.
 
+``build_unet("ddpm" | "paper", in_channels, image_size, **kw)`` picks this network or the
+paper's own U-Net (:mod:`.paper_unet`).
+
 Parameter init draws only from the global torch RNG (the trainer seeds it from the "init"
 stream), so construction is deterministic given ``torch.manual_seed``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
@@ -23,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "checked_inputs", "num_groups", "FourierEmbedding", "PositionalEmbedding"]
+__all__ = ["UNet", "build_unet", "ARCHITECTURES", "checked_inputs", "num_groups", "FourierEmbedding",
+           "PositionalEmbedding"]
+
+ARCHITECTURES = ("paper", "ddpm")
 
 
 def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
@@ -230,3 +237,19 @@ class UNet(nn.Module):
             else:
                 h = block[1](block[0](torch.cat([h, hs.pop()], dim=1), emb))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_unet(arch: str, in_channels: int, image_size: int, **kw) -> nn.Module:
+    """The network named by ``arch``: "ddpm" is :class:`UNet` (``kw`` are its keyword arguments),
+    "paper" is :class:`~.paper_unet.PaperUNet` (``kw``: ``base_channels``). Both take
+    ``forward(x, c_noise)``. Raises ``ValueError`` for an unknown arch or keyword argument."""
+    from .paper_unet import PaperUNet  # imported here: paper_unet builds on this module's blocks
+    networks = {"paper": PaperUNet, "ddpm": UNet}
+    if arch not in networks:
+        raise ValueError(f"unknown U-Net arch {arch!r}; choose one of {ARCHITECTURES}")
+    network = networks[arch]
+    try:
+        inspect.signature(network).bind(in_channels, image_size, **kw)
+    except TypeError as exc:
+        raise ValueError(f"bad arguments for arch {arch!r} ({network.__name__}): {exc}") from None
+    return network(in_channels, image_size, **kw)
