@@ -11,11 +11,15 @@ Noise embedding of ``c_noise`` (shape (B,), float):
 - ``"positional"``: the transformer sinusoidal embedding (DDPM), suited to integer timesteps
   ``c_noise = t`` in ``[0, T)``.
 
+``build_unet("ddpm" | "paper", in_channels, image_size, **kw)`` picks this network or the
+paper's own U-Net (:mod:`.paper_unet`).
+
 Parameter init draws only from the global torch RNG (the trainer seeds it from the "init"
 stream), so construction is deterministic given ``torch.manual_seed``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
@@ -23,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "num_groups", "FourierEmbedding", "PositionalEmbedding"]
+__all__ = ["UNet", "build_unet", "ARCHITECTURES", "checked_inputs", "num_groups", "FourierEmbedding",
+           "PositionalEmbedding"]
+
+ARCHITECTURES = ("paper", "ddpm")
 
 
 def num_groups(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
@@ -43,6 +50,20 @@ def _zero(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
     return module
+
+
+def checked_inputs(x: torch.Tensor, c_noise, in_channels: int) -> torch.Tensor:
+    """Validate ``x`` as (B, in_channels, H, W) and return ``c_noise`` as a (B,) tensor on
+    ``x``'s device (a scalar is broadcast to the batch), so every network accepts the same input."""
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"x must be (B, {in_channels}, H, W), got {tuple(x.shape)}")
+    c_noise = torch.as_tensor(c_noise, device=x.device)
+    if c_noise.dim() == 0:
+        c_noise = c_noise.expand(x.shape[0])
+    c_noise = c_noise.reshape(-1)
+    if c_noise.shape[0] != x.shape[0]:
+        raise ValueError(f"c_noise must have shape ({x.shape[0]},), got {tuple(c_noise.shape)}")
+    return c_noise
 
 
 class FourierEmbedding(nn.Module):
@@ -197,14 +218,7 @@ class UNet(nn.Module):
         self.conv_out = _zero(nn.Conv2d(ch, in_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        c_noise = torch.as_tensor(c_noise, device=x.device)
-        if c_noise.dim() == 0:
-            c_noise = c_noise.expand(x.shape[0])
-        c_noise = c_noise.reshape(-1)
-        if c_noise.shape[0] != x.shape[0]:
-            raise ValueError(f"c_noise must have shape ({x.shape[0]},), got {tuple(c_noise.shape)}")
+        c_noise = checked_inputs(x, c_noise, self.in_channels)
         emb = self.emb_mlp(self.noise_emb(c_noise).to(x.dtype))
         emb = F.silu(emb)
 
@@ -223,3 +237,19 @@ class UNet(nn.Module):
             else:
                 h = block[1](block[0](torch.cat([h, hs.pop()], dim=1), emb))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def build_unet(arch: str, in_channels: int, image_size: int, **kw) -> nn.Module:
+    """The network named by ``arch``: "ddpm" is :class:`UNet` (``kw`` are its keyword arguments),
+    "paper" is :class:`~.paper_unet.PaperUNet` (``kw``: ``base_channels``). Both take
+    ``forward(x, c_noise)``. Raises ``ValueError`` for an unknown arch or keyword argument."""
+    from .paper_unet import PaperUNet  # imported here: paper_unet builds on this module's blocks
+    networks = {"paper": PaperUNet, "ddpm": UNet}
+    if arch not in networks:
+        raise ValueError(f"unknown U-Net arch {arch!r}; choose one of {ARCHITECTURES}")
+    network = networks[arch]
+    try:
+        inspect.signature(network).bind(in_channels, image_size, **kw)
+    except TypeError as exc:
+        raise ValueError(f"bad arguments for arch {arch!r} ({network.__name__}): {exc}") from None
+    return network(in_channels, image_size, **kw)
