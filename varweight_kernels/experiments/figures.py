@@ -5,6 +5,7 @@ True, or returns False and writes nothing when the runs hold no data for it.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import stats as st
+from ..training.checkpoint import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .report import Run
@@ -32,7 +34,9 @@ def _save_figure(fig, path: Path, tight: bool = True) -> bool:
     """Write a finished figure (120 dpi) and release it; True, for the plot functions to return."""
     if tight:
         fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    atomic_write_bytes(path, png.getbuffer())
     _plt().close(fig)
     return True
 

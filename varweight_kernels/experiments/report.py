@@ -9,6 +9,7 @@ Writes ``EXP/report.md`` and, under ``EXP/report/``: ``per_seed.csv``, ``summary
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -19,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import stats as st
+from ..training.checkpoint import atomic_write_bytes
 from .figures import (loss_vs_logsnr, plot_loss_vs_logsnr, plot_metric_vs_step, plot_paired_diff_vs_step,
                       plot_variance_heatmap, plot_vaw_weights)
 
@@ -173,11 +175,12 @@ def _f(x, d=4) -> str:
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        for r in rows:
-            w.writerow(["" if (isinstance(v, float) and not math.isfinite(v)) else v for v in r])
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if (isinstance(v, float) and not math.isfinite(v)) else v for v in r])
+    atomic_write_bytes(path, text.getvalue().encode())
 
 
 def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = None,
@@ -283,7 +286,7 @@ def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = No
     # markdown
     md = _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, finals, paired, figs,
                    include_unfinished, all_groups, curves)
-    report_md.write_text(md)
+    atomic_write_bytes(report_md, md.encode())
     return {"metric": metric, "summary": summary, "paired": {k: v.to_dict() for k, v in paired.items()},
             "figures": {k: str(report_md.parent / v) for k, v in figs.items()}, "report": str(report_md),
             "verdicts": {k: st.describe_paired(v, metric_label) for k, v in paired.items()}}
