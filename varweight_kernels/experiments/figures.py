@@ -210,30 +210,49 @@ def plot_loss_vs_logsnr(curves: Dict[str, Dict], path: Path) -> bool:
     return _save_figure(fig, path)
 
 
-def _mean_binstat(runs: Sequence[Run], key: str) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(steps, bin_edges, (T, K) mean across seeds on the steps all seeds logged) of binstats[key]."""
-    bs = [r.binstats for r in runs if r.binstats is not None and key in r.binstats and r.binstats[key].size]
+def _binstat_stack(runs: Sequence[Run], keys: Sequence[str]
+                   ) -> Optional[Tuple[np.ndarray, np.ndarray, Dict[str, np.ndarray]]]:
+    """(steps, bin_edges, key -> (S, T, K) array) of binstats ``keys``, stacked over the runs
+    that logged all of them with the same bins, on the steps every such run logged."""
+    bs = [r.binstats for r in runs
+          if r.binstats is not None and all(k in r.binstats and r.binstats[k].size for k in keys)]
     if not bs:
         return None
+    K = bs[0][keys[0]].shape[1]
+    bs = [b for b in bs if all(b[k].shape[1] == K for k in keys)]
     common = set(bs[0]["steps"].tolist())
     for b in bs[1:]:
         common &= set(b["steps"].tolist())
     steps = np.array(sorted(common), dtype=np.int64)
-    K = bs[0][key].shape[1]
-    bs = [b for b in bs if b[key].shape[1] == K]
     if not steps.size:
         return None
-    stack = []
-    for b in bs:
-        pos = {int(s): i for i, s in enumerate(b["steps"])}
-        rows = np.array([b[key][pos[int(s)]] for s in steps], dtype=np.float64)
-        if "count" in b and key != "count":
-            cnt = np.array([b["count"][pos[int(s)]] for s in steps])
-            rows = np.where(cnt >= (2 if key == "var" else 1), rows, np.nan)
-        stack.append(rows)
+    rows = [[{int(s): i for i, s in enumerate(b["steps"])}[int(s)] for s in steps] for b in bs]
+    stacks = {k: np.stack([np.asarray(b[k], dtype=np.float64)[r] for b, r in zip(bs, rows)]) for k in keys}
+    return steps, bs[0]["bin_edges"], stacks
+
+
+def _mean_binstat(runs: Sequence[Run], key: str) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(steps, bin_edges, (T, K) mean across seeds on the steps all seeds logged) of binstats[key];
+    a bin's variance needs 2 samples, its mean or weight 1 (else it is left out)."""
+    got = _binstat_stack(runs, [key, "count"] if key != "count" else ["count"])
+    if got is None:
+        return None
+    steps, edges, stacks = got
+    values = stacks[key]
+    if key != "count":
+        values = np.where(stacks["count"] >= (2 if key == "var" else 1), values, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return steps, bs[0]["bin_edges"], np.nanmean(np.stack(stack), axis=0)
+        return steps, edges, np.nanmean(values, axis=0)
+
+
+def _step_edges(steps: np.ndarray) -> np.ndarray:
+    """Cell edges half way between logged steps, for a (bins x steps) heatmap."""
+    x = steps.astype(np.float64)
+    if x.size == 1:
+        return np.array([x[0] - 0.5, x[0] + 0.5])
+    mid = (x[1:] + x[:-1]) / 2
+    return np.concatenate([[x[0] - (x[1] - x[0]) / 2], mid, [x[-1] + (x[-1] - x[-2]) / 2]])
 
 
 def plot_variance_heatmap(groups: Dict[str, List[Run]], path: Path) -> bool:
@@ -252,11 +271,7 @@ def plot_variance_heatmap(groups: Dict[str, List[Run]], path: Path) -> bool:
     for ax, (label, (steps, edges, var)) in zip(axes[0], data.items()):
         z = np.log10(np.clip(var, 1e-12, None)).T  # (K, T)
         z = np.ma.masked_invalid(z)
-        x = steps.astype(np.float64)
-        xe = np.concatenate([[x[0] - (x[1] - x[0] if x.size > 1 else 1) / 2],
-                             (x[1:] + x[:-1]) / 2 if x.size > 1 else [],
-                             [x[-1] + (x[-1] - x[-2] if x.size > 1 else 1) / 2]])
-        im = ax.pcolormesh(xe, edges, z, shading="flat", vmin=vmin, vmax=vmax, cmap="viridis")
+        im = ax.pcolormesh(_step_edges(steps), edges, z, shading="flat", vmin=vmin, vmax=vmax, cmap="viridis")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("training step [optimizer steps]")
     axes[0][0].set_ylabel("log-SNR lambda [nats]")
