@@ -64,7 +64,9 @@ def _common_series(runs: Sequence[Run], key: str) -> Tuple[np.ndarray, Dict[int,
     return steps, vals
 
 
-def plot_metric_vs_step(groups: Dict[str, List[Run]], metric: str, path: Path, metric_label: str) -> bool:
+def plot_metric_vs_step(groups: Dict[str, List[Run]], metric: str, path: Path, metric_label: str,
+                        thresholds: Optional[Dict[str, float]] = None) -> bool:
+    """Score curves per variant; ``thresholds`` (baseline label -> score) are drawn dashed."""
     plt = _plt()
     colors = _colors(list(groups))
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -82,6 +84,9 @@ def plot_metric_vs_step(groups: Dict[str, List[Run]], metric: str, path: Path, m
     if not drawn:
         plt.close(fig)
         return False
+    for base, value in (thresholds or {}).items():
+        ax.axhline(value, color=colors.get(base, "k"), linestyle="--", linewidth=0.9,
+                   label=f"steps-to-threshold threshold (from {base})")
     ax.set_xlabel("training step [optimizer steps]")
     ax.set_ylabel(f"{metric_label} [unitless; lower is better]")
     ax.set_title(f"{metric_label} vs step: mean across seeds, band = +-1 std")
@@ -305,3 +310,87 @@ def plot_vaw_weights(groups: Dict[str, List[Run]], path: Path) -> bool:
         ax.legend(fontsize=7)
     fig.suptitle("VAW weight table over training (mean across seeds)", fontsize=9)
     return _save_figure(fig, path)
+
+
+def interval_counts(count: np.ndarray) -> np.ndarray:
+    """Samples per bin in each logging interval from the cumulative counts (T, K) of binstats:
+    the batch composition the weights of that interval met. A row whose difference is not a
+    plain count (a resumed history can step back) falls back to the cumulative row."""
+    diff = np.diff(count, axis=-2, prepend=np.zeros_like(count[..., :1, :]))
+    bad = np.any(diff < 0, axis=-1, keepdims=True) | (diff.sum(-1, keepdims=True) <= 0)
+    return np.where(bad, count, diff)
+
+
+def weight_diagnostics(runs: Sequence[Run]) -> Optional[Dict[str, np.ndarray]]:
+    """What a variant's weighting does per log-SNR bin, from binstats (mean across seeds on the
+    steps all seeds logged): ``var`` before and ``weighted_var`` (w^2 var) after weighting,
+    ``weight`` (T, K), the effective sample fraction ``ess`` (T,) per seed ``ess_seeds`` (S, T),
+    each bin's ``sample_share`` and ``weight_share`` of the batch over the whole run, and
+    ``mean_weight`` (K,) over training. Without a logged weight table only ``var`` is there."""
+    has_weight = any(r.binstats is not None and "weight" in r.binstats for r in runs)
+    got = _binstat_stack(runs, ["var", "count", "weight"] if has_weight else ["var", "count"])
+    if got is None:
+        return None
+    steps, edges, b = got
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        var = np.where(b["count"] >= 2, b["var"], np.nan)
+        out = {"steps": steps, "bin_edges": edges, "n_seeds": np.array(b["var"].shape[0]),
+               "var": np.nanmean(var, axis=0), "used": b["count"][:, -1].sum(0) > 0}
+        if not has_weight:
+            return out
+        w = b["weight"]
+        share = b["count"][:, -1] / b["count"][:, -1].sum(-1, keepdims=True)  # (S, K) over the run
+        ess = st.effective_sample_fraction(interval_counts(b["count"]), w)
+        out.update(weight=np.nanmean(np.where(b["count"] >= 1, w, np.nan), axis=0),
+                   weighted_var=np.nanmean(w * w * var, axis=0), ess_seeds=ess, ess=ess.mean(0),
+                   sample_share=share.mean(0), mean_weight=w.mean(axis=(0, 1)),
+                   weight_share=(share * w[:, -1] / (share * w[:, -1]).sum(-1, keepdims=True)).mean(0))
+    return out
+
+
+def plot_why(diagnostics: Dict[str, Dict[str, np.ndarray]], path: Path) -> bool:
+    """One row per variant: its weight table over training (bins x steps), the per-bin variance
+    before and after weighting at the last logged step, and the effective sample fraction."""
+    if not diagnostics:
+        return False
+    plt = _plt()
+    n = len(diagnostics)
+    fig, axes = plt.subplots(n, 3, figsize=(15, 3.8 * n), squeeze=False, layout="constrained")
+    for row, (label, d) in zip(axes, diagnostics.items()):
+        edges, steps = d["bin_edges"], d["steps"]
+        centers = 0.5 * (edges[1:] + edges[:-1])
+        if "weight" in d:
+            z = np.ma.masked_invalid(np.log2(np.clip(d["weight"], 1e-6, None)).T)
+            lim = max(float(np.nanmax(np.abs(z))) if z.count() else 0.0, 0.1)
+            im = row[0].pcolormesh(_step_edges(steps), edges, z, shading="flat", cmap="RdBu_r", vmin=-lim, vmax=lim)
+            fig.colorbar(im, ax=row[0]).set_label("log2 weight [0 = uniform]")
+            row[0].set_xlabel("training step [optimizer steps]")
+            row[0].set_ylabel("log-SNR lambda [nats]")
+        else:
+            row[0].text(0.5, 0.5, "no weight table logged\n(only VAW runs log one)", ha="center", va="center",
+                        transform=row[0].transAxes)
+            row[0].set_axis_off()
+        row[0].set_title(f"{label}: weight table over training", fontsize=9)
+        ax = row[1]
+        ax.plot(centers, d["var"][-1], "-o", ms=3, color="tab:gray", label="before: var_k")
+        if "weighted_var" in d:
+            ax.plot(centers, d["weighted_var"][-1], "-o", ms=3, color="tab:red", label="after: w_k^2 var_k")
+        ax.set_yscale("log")
+        ax.set_xlabel("log-SNR lambda [nats]")
+        ax.set_ylabel("per-bin loss variance [loss units^2]")
+        ax.set_title(f"{label}: variance per bin at step {int(steps[-1])}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax = row[2]
+        if "ess" in d:
+            for seed_row in d["ess_seeds"]:
+                ax.plot(steps, seed_row, "-", color="tab:blue", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, d["ess"], "-o", ms=3, color="tab:blue", label=f"mean of {int(d['n_seeds'])} seeds")
+            ax.set_ylim(0, 1.05)
+            ax.legend(fontsize=8)
+        ax.set_xlabel("training step [optimizer steps]")
+        ax.set_ylabel("effective sample fraction [(sum w)^2 / (N sum w^2)]")
+        ax.set_title(f"{label}: how much of each batch the weights use", fontsize=9)
+        ax.grid(alpha=0.3)
+    return _save_figure(fig, path, tight=False)  # constrained layout places the colorbars

@@ -2,9 +2,11 @@
 ``runs/LABEL/seedS`` run folders in the DESIGN.md layout).
 
 Writes ``EXP/report.md`` and, under ``EXP/report/``: ``per_seed.csv``, ``summary.csv``,
-``paired.csv``, ``loss_vs_logsnr.csv`` and the figures ``metric_vs_step.png``,
+``paired.csv``, ``loss_vs_logsnr.csv``, ``efficiency_per_seed.csv``, ``efficiency_paired.csv``,
+``why_bins.csv``, ``why_ess.csv`` and the figures ``metric_vs_step.png``,
 ``paired_diff_vs_step.png``, ``loss_vs_logsnr.png``, ``variance_heatmap.png``,
-``vaw_weights.png`` (each only when there are data for it).
+``vaw_weights.png``, ``why_best_worst.png`` (each only when there are data for it). The
+sample-efficiency and look-at-why sections come from ``dynamics``, the figures from ``figures``.
 """
 from __future__ import annotations
 
@@ -19,10 +21,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import stats as st
 from ..training.checkpoint import atomic_write_bytes
+from . import dynamics as dyn
+from . import stats as st
+from .dynamics import fmt
 from .figures import (loss_vs_logsnr, plot_loss_vs_logsnr, plot_metric_vs_step, plot_paired_diff_vs_step,
-                      plot_variance_heatmap, plot_vaw_weights)
+                      plot_variance_heatmap, plot_vaw_weights, plot_why, weight_diagnostics)
 
 METRIC_PREFERENCE = ("fid", "fd_digits")
 METRIC_TEXT = {
@@ -168,12 +172,6 @@ def _baseline_label(label: str, baseline: str, labels: Sequence[str], meta: Dict
 # ---------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------
-def _f(x, d=4) -> str:
-    if x is None or not _finite(x):
-        return "n/a"
-    return f"{float(x):.{d}g}"
-
-
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
     text = io.StringIO(newline="")
     w = csv.writer(text)
@@ -184,8 +182,10 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> N
 
 
 def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = None,
-                 include_unfinished: bool = False, out: Optional[str] = None) -> Dict:
-    """Write the report; returns a dict with the numbers (for tests and callers)."""
+                 include_unfinished: bool = False, out: Optional[str] = None,
+                 threshold: Optional[float] = None) -> Dict:
+    """Write the report; returns a dict with the numbers (for tests and callers). ``threshold``:
+    the score for steps-to-threshold (default: from each baseline, see ``dynamics``)."""
     exp = Path(exp)
     runs, meta = load_runs(exp)
     if not runs:
@@ -261,6 +261,19 @@ def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = No
                                        "ties", "t_stat", "paired_t_p", "wilcoxon_stat", "wilcoxon_p",
                                        "diffs_by_seed", "verdict"], paired_rows)
 
+    # sample efficiency and the look at why (issue 17)
+    eff = dyn.sample_efficiency(used, pairs, metric, threshold)
+    eff_seed_rows, eff_paired_rows = dyn.efficiency_csv_rows(eff)
+    _write_csv(assets / "efficiency_per_seed.csv", dyn.EFFICIENCY_PER_SEED_HEADER, eff_seed_rows)
+    _write_csv(assets / "efficiency_paired.csv", dyn.EFFICIENCY_PAIRED_HEADER, eff_paired_rows)
+    chosen = dyn.best_and_worst(paired)
+    roles = {lab: ("best and worst" if len(chosen) == 1 else role) for lab, role in zip(chosen, ("best", "worst"))}
+    looks = {lab: d for lab, d in ((lab, weight_diagnostics(used[lab])) for lab in chosen) if d is not None}
+    why_bins, why_ess = dyn.why_csv_rows(looks, roles)
+    if looks:
+        _write_csv(assets / "why_bins.csv", dyn.WHY_BINS_HEADER, why_bins)
+        _write_csv(assets / "why_ess.csv", dyn.WHY_ESS_HEADER, why_ess)
+
     # curves
     curves = {lab: c for lab, c in ((lab, loss_vs_logsnr(rs)) for lab, rs in used.items()) if c is not None}
     lrows = []
@@ -272,7 +285,8 @@ def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = No
                                                "loss_var", "loss_var_stderr", "n_seeds"], lrows)
 
     figs = {}
-    if plot_metric_vs_step(used, metric, assets / "metric_vs_step.png", metric_label):
+    thresholds = {base: eff.threshold[base] for base in set(pairs.values()) if base in eff.threshold}
+    if plot_metric_vs_step(used, metric, assets / "metric_vs_step.png", metric_label, thresholds):
         figs["metric_vs_step"] = "report/metric_vs_step.png"
     if pairs and plot_paired_diff_vs_step(used, pairs, metric, assets / "paired_diff_vs_step.png", metric_label):
         figs["paired_diff_vs_step"] = "report/paired_diff_vs_step.png"
@@ -282,14 +296,20 @@ def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = No
         figs["variance_heatmap"] = "report/variance_heatmap.png"
     if plot_vaw_weights(used, assets / "vaw_weights.png"):
         figs["vaw_weights"] = "report/vaw_weights.png"
+    why_figure = "report/why_best_worst.png" if plot_why(looks, assets / "why_best_worst.png") else None
 
     # markdown
     md = _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, finals, paired, figs,
-                   include_unfinished, all_groups, curves)
+                   include_unfinished, all_groups, curves,
+                   dyn.efficiency_markdown(eff, order, paired, {lab: s["mean"] for lab, s in summary.items()},
+                                           metric_label),
+                   dyn.why_markdown(looks, roles, paired, metric_label, why_figure))
     atomic_write_bytes(report_md, md.encode())
     return {"metric": metric, "summary": summary, "paired": {k: v.to_dict() for k, v in paired.items()},
             "figures": {k: str(report_md.parent / v) for k, v in figs.items()}, "report": str(report_md),
-            "verdicts": {k: st.describe_paired(v, metric_label) for k, v in paired.items()}}
+            "verdicts": {k: st.describe_paired(v, metric_label) for k, v in paired.items()},
+            "efficiency": eff, "why": {"roles": roles, "diagnostics": looks,
+                                     "figure": str(report_md.parent / why_figure) if why_figure else None}}
 
 
 def _metric_context(runs: Sequence[Run], metric: str) -> str:
@@ -318,7 +338,7 @@ def _metric_context(runs: Sequence[Run], metric: str) -> str:
 
 
 def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, finals, paired, figs,
-              include_unfinished, all_groups, curves) -> str:
+              include_unfinished, all_groups, curves, efficiency_section, why_section) -> str:
     L: List[str] = []
     L.append(f"# Experiment report: `{exp.name}`\n")
     cfg = next((r.config for r in runs if r.config), {})
@@ -342,9 +362,9 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
         if digits:
             fl = [r.last("fd_floor") for r in all_groups[lab] if r.last("fd_floor") is not None]
             ac = [r.last("classifier_acc") for r in all_groups[lab] if r.last("classifier_acc") is not None]
-            extra = f" {_f(fl[0]) if fl else 'n/a'} | {_f(ac[0]) if ac else 'n/a'} |"
-        L.append(f"| {lab} | {s['n']} | {_f(s['mean'])} | {_f(s['std'])} | "
-                 f"{_f(s['std_ci'][0])} to {_f(s['std_ci'][1])} | {', '.join(map(str, s['steps'])) or '-'} |" + extra)
+            extra = f" {fmt(fl[0]) if fl else 'n/a'} | {fmt(ac[0]) if ac else 'n/a'} |"
+        L.append(f"| {lab} | {s['n']} | {fmt(s['mean'])} | {fmt(s['std'])} | "
+                 f"{fmt(s['std_ci'][0])} to {fmt(s['std_ci'][1])} | {', '.join(map(str, s['steps'])) or '-'} |" + extra)
     L.append("")
     seeds = sorted({r.seed for r in runs})
     L.append(f"## Per-seed final {metric_label}\n")
@@ -356,10 +376,10 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
             v = finals[lab].get(sd)
             run = next((r for r in all_groups[lab] if r.seed == sd), None)
             if v is not None:
-                cells.append(_f(v[1]))
+                cells.append(fmt(v[1]))
             elif run is not None and not run.done:
                 fv = run.final(metric)
-                cells.append(f"({_f(fv[1]) if fv else '-'}, unfinished)")
+                cells.append(f"({fmt(fv[1]) if fv else '-'}, unfinished)")
             else:
                 cells.append("-")
         L.append(f"| {sd} | " + " | ".join(cells) + " |")
@@ -370,14 +390,15 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
         L.append("|---|---|---|---|---|---|---|---|")
         for lab, res in paired.items():
             diffs = ", ".join(f"s{s}: {d:+.3g}" for s, d in zip(res.seeds, res.diffs)) or "-"
-            L.append(f"| {lab} | {res.n} | {diffs} | {_f(res.mean_diff)} | {_f(res.ci_low)} to {_f(res.ci_high)} | "
-                     f"{res.wins}/{res.n} | {_f(res.t_p, 2)} | {_f(res.wilcoxon_p, 2)} |")
+            L.append(f"| {lab} | {res.n} | {diffs} | {fmt(res.mean_diff)} | {fmt(res.ci_low)} to {fmt(res.ci_high)} | "
+                     f"{res.wins}/{res.n} | {fmt(res.t_p, 2)} | {fmt(res.wilcoxon_p, 2)} |")
         L.append("")
         L.append("**Verdicts** (a variant is called better or worse only when the 95% t interval of the mean "
                  "paired difference excludes 0):\n")
         for lab, res in paired.items():
             L.append(f"- {st.describe_paired(res, metric_label)}")
         L.append("")
+    L.extend(efficiency_section)
     L.append("## Spread across seeds\n")
     for lab in order:
         x = [v for _, (_, v) in sorted(finals[lab].items())]
@@ -389,9 +410,11 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
             y = [finals[base][s][1] for s in common]
         L.append(f"- {st.describe_spread(lab, x, base if y is not None else None, y, metric_label)}")
     L.append("")
+    L.extend(why_section)
     L.append("## Figures\n")
     captions = {
-        "metric_vs_step": f"{metric_label} vs training step (mean across seeds, band ±1 std).",
+        "metric_vs_step": f"{metric_label} vs training step (mean across seeds, band ±1 std; dashed: the "
+                          f"steps-to-threshold threshold).",
         "paired_diff_vs_step": "Paired difference to the baseline vs step: thin lines per seed, thick the mean, "
                                "band its 95% t CI.",
         "loss_vs_logsnr": "Mean (left) and variance (right, log scale) of the unweighted per-sample loss by "
@@ -414,5 +437,7 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
     L.append(f"- Spread: std across seeds (ddof = 1) with a percentile bootstrap 95% CI "
              f"({st.BOOTSTRAP_RESAMPLES} resamples of the seeds, numpy seed {st.BOOTSTRAP_SEED}); the spread "
              f"difference to the baseline uses a paired bootstrap of the std difference.")
-    L.append("- CSV: `report/per_seed.csv`, `report/summary.csv`, `report/paired.csv`, `report/loss_vs_logsnr.csv`.")
+    L.extend(dyn.EFFICIENCY_METHODS)
+    L.append("- CSV: `report/per_seed.csv`, `report/summary.csv`, `report/paired.csv`, `report/loss_vs_logsnr.csv`, "
+             "`report/efficiency_per_seed.csv`, `report/efficiency_paired.csv`.")
     return "\n".join(L) + "\n"
