@@ -390,7 +390,7 @@ def plot_why(diagnostics: Dict[str, Dict[str, np.ndarray]], path: Path) -> bool:
             ax.set_ylim(0, 1.05)
             ax.legend(fontsize=8)
         ax.set_xlabel("training step [optimizer steps]")
-        ax.set_ylabel("effective sample fraction [(sum w)^2 / (N sum w^2)]")
+        ax.set_ylabel("effective sample fraction [1 = whole batch]")
         ax.set_title(f"{label}: how much of each batch the weights use", fontsize=9)
         ax.grid(alpha=0.3)
     return _save_figure(fig, path, tight=False)  # constrained layout places the colorbars
