@@ -54,10 +54,13 @@ def test_stats_edge_cases():
     assert st.paired_comparison({0: 1.0}, {1: 1.0}).n == 0
 
 
-def _write_run(folder: Path, fids, seed: int, weight: bool = False, done: bool = True, persample: bool = False):
+def _write_run(folder: Path, fids, seed: int, weight: bool = False, done: bool = True, persample: bool = False,
+               steps=None, binstats=None):
+    """A finished run folder with ``fids`` at ``steps`` (default 100, 200, ...); binstats random
+    unless given."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    steps = [100 * (i + 1) for i in range(len(fids))]
+    steps = steps or [100 * (i + 1) for i in range(len(fids))]
     with open(folder / "metrics.jsonl", "w") as fh:
         for s, f in zip(steps, fids):
             fh.write(json.dumps({"step": s, "loss": 0.5 + rng.random() * 0.01, "weighted_loss": 0.5, "lr": 2e-4,
@@ -71,7 +74,7 @@ def _write_run(folder: Path, fids, seed: int, weight: bool = False, done: bool =
               "count": np.tile(np.arange(K, dtype=np.float64) * 10, (T, 1))}
     if weight:
         arrays["weight"] = 0.5 + rng.random((T, K))
-    np.savez(folder / "binstats.npz", **arrays)
+    np.savez(folder / "binstats.npz", **(binstats if binstats is not None else arrays))
     if persample:
         lam = rng.normal(1.0, 2.4, size=3000)
         np.savez(folder / "persample_step00000200.npz", lam=lam, loss=np.exp(-lam / 4) * rng.gamma(2.0, 0.5, 3000))
@@ -123,6 +126,91 @@ def test_report_does_not_claim_without_shift(tmp_path):
     verdict = out["verdicts"]["vaw"]
     assert "no clear difference" in verdict
     assert "better" not in verdict and "worse" not in verdict
+
+
+EVAL_STEPS = [100, 200, 300, 400, 500]
+SEED_OFFSETS = {"uniform": [0.0, 1.0, -1.0], "vaw": [0.0, 1.0, -0.5], "seed-cauchy": [0.0, 1.0, -1.0]}
+CURVES = {"uniform": [10, 8, 6, 4, 2], "vaw": [8, 6, 4, 3, 1], "seed-cauchy": [12, 11, 10, 9, 8]}
+
+
+def _known_binstats(weight=None):
+    """4 bins, 10 samples per bin per logging interval; ``weight`` the same table at every step."""
+    T = len(EVAL_STEPS)
+    arrays = {"steps": np.array(EVAL_STEPS, dtype=np.int64), "bin_edges": np.array([-8.0, -4.0, 0.0, 4.0, 8.0]),
+              "mean": np.ones((T, 4)), "var": np.tile([1.0, 1.0, 4.0, 4.0], (T, 1)),
+              "count": np.outer(np.arange(1, T + 1), np.full(4, 10.0))}
+    if weight is not None:
+        arrays["weight"] = np.tile(np.asarray(weight, dtype=np.float64), (T, 1))
+    return arrays
+
+
+def _curves_experiment(root: Path, vaw_seed1_steps=None) -> Path:
+    """uniform, a faster vaw and a slower seed-cauchy whose AUCs and crossings are known by hand."""
+    weights = {"vaw": [2.0, 2.0, 0.5, 0.5]}
+    for label, curve in CURVES.items():
+        for seed, offset in enumerate(SEED_OFFSETS[label]):
+            steps = vaw_seed1_steps if (label, seed) == ("vaw", 1) and vaw_seed1_steps else EVAL_STEPS
+            _write_run(root / "runs" / label / f"seed{seed}", [c + offset for c in curve], seed, steps=steps,
+                       binstats=_known_binstats(weights.get(label)))
+    return root
+
+
+def test_report_sample_efficiency_and_why_with_known_answers(tmp_path):
+    exp = _curves_experiment(tmp_path / "curves")
+    (exp / "elsewhere.md").write_text("keep me")
+    (exp / "report.md").symlink_to(exp / "elsewhere.md")
+    out = build_report(str(exp), baseline="uniform")
+    eff = out["efficiency"]
+    # threshold: mean uniform curve at step 300 (middle of 100..500) = 6
+    assert eff.threshold["uniform"] == pytest.approx(6.0) and eff.threshold["vaw"] == pytest.approx(6.0)
+    # AUC of a linear curve is its mean: 6 + offset; vaw ((8+6)/2 + (6+4)/2 + (4+3)/2 + (3+1)/2) / 4 = 4.375
+    assert eff.auc["uniform"] == {0: pytest.approx(6.0), 1: pytest.approx(7.0), 2: pytest.approx(5.0)}
+    assert eff.auc["vaw"] == {0: pytest.approx(4.375), 1: pytest.approx(5.375), 2: pytest.approx(3.875)}
+    auc = eff.auc_paired["vaw"]
+    assert auc.diffs == pytest.approx([-1.625, -1.625, -1.125]) and auc.mean_diff == pytest.approx(-4.375 / 3)
+    # crossings of 6: uniform 300, 350 (7 -> 5), 250; vaw 200, 250, 175 (7.5 -> 5.5 at 100 -> 200)
+    assert [c.step for c in eff.crossing["uniform"].values()] == pytest.approx([300, 350, 250])
+    assert [c.step for c in eff.crossing["vaw"].values()] == pytest.approx([200, 250, 175])
+    steps = eff.crossing_paired["vaw"]
+    assert steps.result.diffs == pytest.approx([-100, -100, -75]) and steps.result.ci_high < 0
+    # seed-cauchy never gets below 7: censored at 500 on every seed, paired as a bound
+    slow = eff.crossing_paired["seed-cauchy"]
+    assert all(c.censored for c in eff.crossing["seed-cauchy"].values())
+    assert slow.method_censored == [0, 1, 2] and slow.result.diffs == pytest.approx([200, 150, 250])
+
+    md = (exp / "report.md").read_text()
+    assert not (exp / "report.md").is_symlink() and (exp / "elsewhere.md").read_text() == "keep me"
+    assert "## Sample efficiency" in md and "**6** FID" in md
+    assert "| uniform | 3 | 5 (steps 100 to 500) | 2 | 6 ± 1 | 300 | s0: 300, s1: 350, s2: 250 |" in md
+    assert "s0: >500, s1: >500, s2: >500" in md and "3 censored: a lower bound" in md
+    assert "| vaw | 3 | -0.8333 (" in md and "| -1.458 (" in md and "| -91.67 (" in md
+    assert "- steps: vaw vs uniform: better (lower) on 3/3 seeds" in md and "bounds towards 0" in md
+
+    # the look at why: vaw best, seed-cauchy worst (no weight table)
+    assert out["why"]["roles"] == {"vaw": "best", "seed-cauchy": "worst"}
+    d = out["why"]["diagnostics"]["vaw"]
+    # 10 samples per bin, weights 2, 2, 0.5, 0.5: 50^2 / (40 * 85)
+    assert d["ess"] == pytest.approx(np.full(5, 2500 / 3400))
+    assert d["weighted_var"][-1] == pytest.approx([4.0, 4.0, 1.0, 1.0])
+    assert d["weight_share"] == pytest.approx([0.4, 0.4, 0.1, 0.1])
+    assert "`vaw` helps" in md
+    assert "moves weight to log-SNR λ in [-8, 0) (mean weight 2.00), away from λ in [0, 8)" in md
+    assert "`seed-cauchy` hurts" in md and "no weight table" in md
+    assert "after weighting (w² var) 1 to 4 (max/min 4)" in md and "0.735 at step 500" in md
+    assert os.path.getsize(out["why"]["figure"]) > 1000
+    for name in ("efficiency_per_seed.csv", "efficiency_paired.csv", "why_bins.csv", "why_ess.csv"):
+        assert (exp / "report" / name).stat().st_size > 0
+
+
+def test_report_names_evaluation_steps_that_differ(tmp_path):
+    exp = _curves_experiment(tmp_path / "mismatch", vaw_seed1_steps=[100, 200, 250, 400, 500])
+    out = build_report(str(exp), baseline="uniform")
+    md = (exp / "report.md").read_text()
+    assert "vaw" not in out["efficiency"].auc and "vaw" not in out["efficiency"].auc_paired
+    assert "**not computed**: `vaw`: evaluation steps differ" in md and "vaw seed 1" in md
+    assert "steps 250 not in vaw seed 0" in md
+    # the other variants and the final scores are still reported
+    assert "seed-cauchy" in out["efficiency"].auc_paired and out["paired"]["vaw"]["n"] == 3
 
 
 def test_grid_planning_and_resume_logic(tmp_path):

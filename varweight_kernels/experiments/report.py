@@ -2,24 +2,31 @@
 ``runs/LABEL/seedS`` run folders in the DESIGN.md layout).
 
 Writes ``EXP/report.md`` and, under ``EXP/report/``: ``per_seed.csv``, ``summary.csv``,
-``paired.csv``, ``loss_vs_logsnr.csv`` and the figures ``metric_vs_step.png``,
+``paired.csv``, ``loss_vs_logsnr.csv``, ``efficiency_per_seed.csv``, ``efficiency_paired.csv``,
+``why_bins.csv``, ``why_ess.csv`` and the figures ``metric_vs_step.png``,
 ``paired_diff_vs_step.png``, ``loss_vs_logsnr.png``, ``variance_heatmap.png``,
-``vaw_weights.png`` (each only when there are data for it).
+``vaw_weights.png``, ``why_best_worst.png`` (each only when there are data for it). The
+sample-efficiency and look-at-why sections come from ``dynamics``, the figures from ``figures``.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..training.checkpoint import atomic_write_bytes
+from . import dynamics as dyn
 from . import stats as st
+from .dynamics import fmt
+from .figures import (loss_vs_logsnr, plot_loss_vs_logsnr, plot_metric_vs_step, plot_paired_diff_vs_step,
+                      plot_variance_heatmap, plot_vaw_weights, plot_why, weight_diagnostics)
 
 METRIC_PREFERENCE = ("fid", "fd_digits")
 METRIC_TEXT = {
@@ -27,7 +34,6 @@ METRIC_TEXT = {
     "fd_digits": "digits FD",
     "loss": "training loss",
 }
-QUANTILE_BINS = 30
 
 
 @dataclass
@@ -164,297 +170,22 @@ def _baseline_label(label: str, baseline: str, labels: Sequence[str], meta: Dict
 
 
 # ---------------------------------------------------------------------------------------------
-# figures
-# ---------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig, path: Path, tight: bool = True) -> bool:
-    """Write a finished figure (120 dpi) and release it; True, for the plot functions to return."""
-    if tight:
-        fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return True
-
-
-def _colors(labels: Sequence[str]) -> Dict[str, object]:
-    plt = _plt()
-    cmap = plt.get_cmap("tab10")
-    return {lab: cmap(i % 10) for i, lab in enumerate(labels)}
-
-
-def _common_series(runs: Sequence[Run], key: str) -> Tuple[np.ndarray, Dict[int, np.ndarray]]:
-    """Steps present in every run's series for ``key`` and the values per seed at those steps."""
-    series = {r.seed: r.series(key) for r in runs}
-    series = {s: v for s, v in series.items() if v[0].size}
-    if not series:
-        return np.zeros(0, dtype=np.int64), {}
-    common = None
-    for steps, _ in series.values():
-        common = set(steps.tolist()) if common is None else common & set(steps.tolist())
-    steps = np.array(sorted(common), dtype=np.int64)
-    vals = {}
-    for s, (st_, v) in series.items():
-        idx = {int(a): i for i, a in enumerate(st_)}
-        vals[s] = np.array([v[idx[int(x)]] for x in steps])
-    return steps, vals
-
-
-def plot_metric_vs_step(groups: Dict[str, List[Run]], metric: str, path: Path, metric_label: str) -> bool:
-    plt = _plt()
-    colors = _colors(list(groups))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
-    for label, runs in groups.items():
-        steps, vals = _common_series(runs, metric)
-        if not steps.size:
-            continue
-        arr = np.stack(list(vals.values()))
-        mean = arr.mean(0)
-        sd = arr.std(0, ddof=1) if arr.shape[0] > 1 else np.zeros_like(mean)
-        ax.plot(steps, mean, "-o", ms=3, color=colors[label], label=f"{label} (n={arr.shape[0]})")
-        ax.fill_between(steps, mean - sd, mean + sd, color=colors[label], alpha=0.2, linewidth=0)
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return False
-    ax.set_xlabel("training step [optimizer steps]")
-    ax.set_ylabel(f"{metric_label} [unitless; lower is better]")
-    ax.set_title(f"{metric_label} vs step: mean across seeds, band = +-1 std")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save_figure(fig, path)
-
-
-def plot_paired_diff_vs_step(groups: Dict[str, List[Run]], pairs: Dict[str, str], metric: str, path: Path,
-                             metric_label: str) -> bool:
-    plt = _plt()
-    colors = _colors(list(groups))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    drawn = False
-    for label, base in pairs.items():
-        s1, v1 = _common_series(groups[label], metric)
-        s0, v0 = _common_series(groups[base], metric)
-        steps = np.array(sorted(set(s1.tolist()) & set(s0.tolist())), dtype=np.int64)
-        seeds = sorted(set(v1) & set(v0))
-        if not steps.size or not seeds:
-            continue
-        i1 = [list(s1).index(x) for x in steps]
-        i0 = [list(s0).index(x) for x in steps]
-        diffs = np.stack([v1[s][i1] - v0[s][i0] for s in seeds])
-        for row in diffs:
-            ax.plot(steps, row, "-", color=colors[label], alpha=0.25, linewidth=0.8)
-        mean = diffs.mean(0)
-        ax.plot(steps, mean, "-o", ms=3, color=colors[label], label=f"{label} - {base} (n={len(seeds)})")
-        if len(seeds) > 1:
-            ci = np.array([st.t_confidence_interval(diffs[:, j])[1:] for j in range(steps.size)])
-            ax.fill_between(steps, ci[:, 0], ci[:, 1], color=colors[label], alpha=0.2, linewidth=0)
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return False
-    ax.axhline(0.0, color="k", linewidth=0.8)
-    ax.set_xlabel("training step [optimizer steps]")
-    ax.set_ylabel(f"paired {metric_label} difference vs baseline [unitless; < 0 = better]")
-    ax.set_title("Per-seed paired differences (thin), mean with 95% t CI (band)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save_figure(fig, path)
-
-
-def loss_vs_logsnr(runs: Sequence[Run]) -> Optional[Dict[str, np.ndarray]]:
-    """Per-bin mean and variance of the unweighted loss, mean +- stderr across seeds.
-
-    Per-sample data (``persample*.npz``): 30 quantile bins of lam, pooled edges over the
-    seeds, as in the paper's analysis. Otherwise the last row of ``binstats.npz`` (the run's
-    EMA bins; bins with no samples are left out)."""
-    ps = [r for r in runs if r.persample is not None and r.persample["lam"].size >= QUANTILE_BINS]
-    if ps:
-        all_lam = np.concatenate([r.persample["lam"] for r in ps])
-        edges = np.unique(np.quantile(all_lam, np.linspace(0, 1, QUANTILE_BINS + 1)))
-        nb = edges.size - 1
-        means, vars_ = [], []
-        for r in ps:
-            idx = np.clip(np.searchsorted(edges, r.persample["lam"], side="right") - 1, 0, nb - 1)
-            m = np.full(nb, np.nan)
-            v = np.full(nb, np.nan)
-            for k in range(nb):
-                x = r.persample["loss"][idx == k]
-                x = x[np.isfinite(x)]
-                if x.size:
-                    m[k] = x.mean()
-                    v[k] = x.var(ddof=1) if x.size > 1 else np.nan
-            means.append(m)
-            vars_.append(v)
-        centers = 0.5 * (edges[1:] + edges[:-1])
-        source = f"{QUANTILE_BINS} quantile bins of per-sample losses"
-    else:
-        bs = [r for r in runs if r.binstats is not None and "mean" in r.binstats and r.binstats["mean"].shape[0]]
-        if not bs:
-            return None
-        edges = bs[0].binstats["bin_edges"]
-        centers = 0.5 * (edges[1:] + edges[:-1])
-        means, vars_ = [], []
-        for r in bs:
-            if r.binstats["mean"].shape[1] != centers.size:
-                continue
-            cnt = r.binstats["count"][-1]
-            means.append(np.where(cnt > 0, r.binstats["mean"][-1], np.nan))
-            vars_.append(np.where(cnt >= 2, r.binstats["var"][-1], np.nan))  # a variance needs 2 samples
-        source = "binstats.npz (EMA statistics of the last logged step, fixed log-SNR bins)"
-    M, V = np.array(means), np.array(vars_)
-
-    def agg(a):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            n = np.sum(np.isfinite(a), axis=0)
-            mean = np.nanmean(a, axis=0)
-            sd = np.nanstd(a, axis=0, ddof=1) if a.shape[0] > 1 else np.full(a.shape[1], np.nan)
-            se = np.where(n > 1, sd / np.sqrt(np.maximum(n, 1)), np.nan)
-        return mean, se, n
-
-    mm, ms, n = agg(M)
-    vm, vs, _ = agg(V)
-    return {"center": centers, "mean": mm, "mean_se": ms, "var": vm, "var_se": vs, "n": n, "source": source}
-
-
-def plot_loss_vs_logsnr(curves: Dict[str, Dict], path: Path) -> bool:
-    if not curves:
-        return False
-    plt = _plt()
-    colors = _colors(list(curves))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, c in curves.items():
-        for ax, key in ((axes[0], "mean"), (axes[1], "var")):
-            y, se = c[key], c[key + "_se"]
-            ok = np.isfinite(y)
-            ax.plot(c["center"][ok], y[ok], "-o", ms=2.5, color=colors[label], label=label)
-            band = ok & np.isfinite(se)
-            if band.any():
-                lower = y - se if key == "mean" else np.maximum(y - se, 0.1 * y)  # log axis: clip at y/10
-                ax.fill_between(c["center"][band], lower[band], (y + se)[band], color=colors[label], alpha=0.2,
-                                linewidth=0)
-    src = next(iter(curves.values()))["source"]
-    axes[0].set_ylabel("mean unweighted per-sample loss [loss units]")
-    axes[1].set_ylabel("variance of the unweighted loss [loss units^2]")
-    axes[1].set_yscale("log")
-    for ax in axes:
-        ax.set_xlabel("log-SNR lambda [nats]")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Loss vs log-SNR, mean +- stderr across seeds ({src})", fontsize=9)
-    return _save_figure(fig, path)
-
-
-def _mean_binstat(runs: Sequence[Run], key: str) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(steps, bin_edges, (T, K) mean across seeds on the steps all seeds logged) of binstats[key]."""
-    bs = [r.binstats for r in runs if r.binstats is not None and key in r.binstats and r.binstats[key].size]
-    if not bs:
-        return None
-    common = set(bs[0]["steps"].tolist())
-    for b in bs[1:]:
-        common &= set(b["steps"].tolist())
-    steps = np.array(sorted(common), dtype=np.int64)
-    K = bs[0][key].shape[1]
-    bs = [b for b in bs if b[key].shape[1] == K]
-    if not steps.size:
-        return None
-    stack = []
-    for b in bs:
-        pos = {int(s): i for i, s in enumerate(b["steps"])}
-        rows = np.array([b[key][pos[int(s)]] for s in steps], dtype=np.float64)
-        if "count" in b and key != "count":
-            cnt = np.array([b["count"][pos[int(s)]] for s in steps])
-            rows = np.where(cnt >= (2 if key == "var" else 1), rows, np.nan)
-        stack.append(rows)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return steps, bs[0]["bin_edges"], np.nanmean(np.stack(stack), axis=0)
-
-
-def plot_variance_heatmap(groups: Dict[str, List[Run]], path: Path) -> bool:
-    data = {lab: _mean_binstat(runs, "var") for lab, runs in groups.items()}
-    data = {k: v for k, v in data.items() if v is not None}
-    if not data:
-        return False
-    plt = _plt()
-    vals = np.concatenate([np.log10(np.clip(v[2][np.isfinite(v[2])], 1e-12, None)).ravel() for v in data.values()])
-    vmin, vmax = (float(np.percentile(vals, 2)), float(np.percentile(vals, 98))) if vals.size else (0.0, 1.0)
-    if vmax <= vmin:
-        vmin, vmax = vmin - 0.5, vmax + 0.5
-    n = len(data)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1.5, 4), squeeze=False, sharey=True, layout="constrained")
-    im = None
-    for ax, (label, (steps, edges, var)) in zip(axes[0], data.items()):
-        z = np.log10(np.clip(var, 1e-12, None)).T  # (K, T)
-        z = np.ma.masked_invalid(z)
-        x = steps.astype(np.float64)
-        xe = np.concatenate([[x[0] - (x[1] - x[0] if x.size > 1 else 1) / 2],
-                             (x[1:] + x[:-1]) / 2 if x.size > 1 else [],
-                             [x[-1] + (x[-1] - x[-2] if x.size > 1 else 1) / 2]])
-        im = ax.pcolormesh(xe, edges, z, shading="flat", vmin=vmin, vmax=vmax, cmap="viridis")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("training step [optimizer steps]")
-    axes[0][0].set_ylabel("log-SNR lambda [nats]")
-    cb = fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, extend="both")
-    cb.set_label("log10 loss variance [log10 loss units^2]")
-    fig.suptitle("Per-bin variance of the unweighted loss over training (mean across seeds; blank: < 2 samples)",
-                 fontsize=9)
-    return _save_figure(fig, path, tight=False)  # this figure places its colorbar itself
-
-
-def plot_vaw_weights(groups: Dict[str, List[Run]], path: Path) -> bool:
-    data = {lab: _mean_binstat(runs, "weight") for lab, runs in groups.items()}
-    data = {k: v for k, v in data.items() if v is not None}
-    if not data:
-        return False
-    plt = _plt()
-    n = len(data)
-    fig, axes = plt.subplots(1, n, figsize=(5 * n, 4), squeeze=False)
-    for ax, (label, (steps, edges, w)) in zip(axes[0], data.items()):
-        centers = 0.5 * (edges[1:] + edges[:-1])
-        pick = np.unique(np.linspace(0, steps.size - 1, min(6, steps.size)).round().astype(int))
-        cmap = plt.get_cmap("plasma")
-        for j, i in enumerate(pick):
-            ax.plot(centers, w[i], "-", color=cmap(j / max(len(pick) - 1, 1)), label=f"step {int(steps[i])}")
-        ax.axhline(1.0, color="k", linewidth=0.7, linestyle=":")
-        ax.set_yscale("log")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("log-SNR lambda [nats]")
-        ax.set_ylabel("VAW weight w_k [x, relative to uniform]")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("VAW weight table over training (mean across seeds)", fontsize=9)
-    return _save_figure(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------
-def _f(x, d=4) -> str:
-    if x is None or not _finite(x):
-        return "n/a"
-    return f"{float(x):.{d}g}"
-
-
 def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> None:
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        for r in rows:
-            w.writerow(["" if (isinstance(v, float) and not math.isfinite(v)) else v for v in r])
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(header)
+    for r in rows:
+        w.writerow(["" if (isinstance(v, float) and not math.isfinite(v)) else v for v in r])
+    atomic_write_bytes(path, text.getvalue().encode())
 
 
 def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = None,
-                 include_unfinished: bool = False, out: Optional[str] = None) -> Dict:
-    """Write the report; returns a dict with the numbers (for tests and callers)."""
+                 include_unfinished: bool = False, out: Optional[str] = None,
+                 threshold: Optional[float] = None) -> Dict:
+    """Write the report; returns a dict with the numbers (for tests and callers). ``threshold``:
+    the score for steps-to-threshold (default: from each baseline, see ``dynamics``)."""
     exp = Path(exp)
     runs, meta = load_runs(exp)
     if not runs:
@@ -530,6 +261,19 @@ def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = No
                                        "ties", "t_stat", "paired_t_p", "wilcoxon_stat", "wilcoxon_p",
                                        "diffs_by_seed", "verdict"], paired_rows)
 
+    # sample efficiency and the look at why (issue 17)
+    eff = dyn.sample_efficiency(used, pairs, metric, threshold)
+    eff_seed_rows, eff_paired_rows = dyn.efficiency_csv_rows(eff)
+    _write_csv(assets / "efficiency_per_seed.csv", dyn.EFFICIENCY_PER_SEED_HEADER, eff_seed_rows)
+    _write_csv(assets / "efficiency_paired.csv", dyn.EFFICIENCY_PAIRED_HEADER, eff_paired_rows)
+    chosen = dyn.best_and_worst(paired)
+    roles = {lab: ("best and worst" if len(chosen) == 1 else role) for lab, role in zip(chosen, ("best", "worst"))}
+    looks = {lab: d for lab, d in ((lab, weight_diagnostics(used[lab])) for lab in chosen) if d is not None}
+    why_bins, why_ess = dyn.why_csv_rows(looks, roles)
+    if looks:
+        _write_csv(assets / "why_bins.csv", dyn.WHY_BINS_HEADER, why_bins)
+        _write_csv(assets / "why_ess.csv", dyn.WHY_ESS_HEADER, why_ess)
+
     # curves
     curves = {lab: c for lab, c in ((lab, loss_vs_logsnr(rs)) for lab, rs in used.items()) if c is not None}
     lrows = []
@@ -541,7 +285,8 @@ def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = No
                                                "loss_var", "loss_var_stderr", "n_seeds"], lrows)
 
     figs = {}
-    if plot_metric_vs_step(used, metric, assets / "metric_vs_step.png", metric_label):
+    thresholds = {base: eff.threshold[base] for base in set(pairs.values()) if base in eff.threshold}
+    if plot_metric_vs_step(used, metric, assets / "metric_vs_step.png", metric_label, thresholds):
         figs["metric_vs_step"] = "report/metric_vs_step.png"
     if pairs and plot_paired_diff_vs_step(used, pairs, metric, assets / "paired_diff_vs_step.png", metric_label):
         figs["paired_diff_vs_step"] = "report/paired_diff_vs_step.png"
@@ -551,14 +296,20 @@ def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = No
         figs["variance_heatmap"] = "report/variance_heatmap.png"
     if plot_vaw_weights(used, assets / "vaw_weights.png"):
         figs["vaw_weights"] = "report/vaw_weights.png"
+    why_figure = "report/why_best_worst.png" if plot_why(looks, assets / "why_best_worst.png") else None
 
     # markdown
     md = _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, finals, paired, figs,
-                   include_unfinished, all_groups, curves)
-    report_md.write_text(md)
+                   include_unfinished, all_groups, curves,
+                   dyn.efficiency_markdown(eff, order, paired, {lab: s["mean"] for lab, s in summary.items()},
+                                           metric_label),
+                   dyn.why_markdown(looks, roles, paired, metric_label, why_figure))
+    atomic_write_bytes(report_md, md.encode())
     return {"metric": metric, "summary": summary, "paired": {k: v.to_dict() for k, v in paired.items()},
             "figures": {k: str(report_md.parent / v) for k, v in figs.items()}, "report": str(report_md),
-            "verdicts": {k: st.describe_paired(v, metric_label) for k, v in paired.items()}}
+            "verdicts": {k: st.describe_paired(v, metric_label) for k, v in paired.items()},
+            "efficiency": eff, "why": {"roles": roles, "diagnostics": looks,
+                                     "figure": str(report_md.parent / why_figure) if why_figure else None}}
 
 
 def _metric_context(runs: Sequence[Run], metric: str) -> str:
@@ -587,7 +338,7 @@ def _metric_context(runs: Sequence[Run], metric: str) -> str:
 
 
 def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, finals, paired, figs,
-              include_unfinished, all_groups, curves) -> str:
+              include_unfinished, all_groups, curves, efficiency_section, why_section) -> str:
     L: List[str] = []
     L.append(f"# Experiment report: `{exp.name}`\n")
     cfg = next((r.config for r in runs if r.config), {})
@@ -611,9 +362,9 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
         if digits:
             fl = [r.last("fd_floor") for r in all_groups[lab] if r.last("fd_floor") is not None]
             ac = [r.last("classifier_acc") for r in all_groups[lab] if r.last("classifier_acc") is not None]
-            extra = f" {_f(fl[0]) if fl else 'n/a'} | {_f(ac[0]) if ac else 'n/a'} |"
-        L.append(f"| {lab} | {s['n']} | {_f(s['mean'])} | {_f(s['std'])} | "
-                 f"{_f(s['std_ci'][0])} to {_f(s['std_ci'][1])} | {', '.join(map(str, s['steps'])) or '-'} |" + extra)
+            extra = f" {fmt(fl[0]) if fl else 'n/a'} | {fmt(ac[0]) if ac else 'n/a'} |"
+        L.append(f"| {lab} | {s['n']} | {fmt(s['mean'])} | {fmt(s['std'])} | "
+                 f"{fmt(s['std_ci'][0])} to {fmt(s['std_ci'][1])} | {', '.join(map(str, s['steps'])) or '-'} |" + extra)
     L.append("")
     seeds = sorted({r.seed for r in runs})
     L.append(f"## Per-seed final {metric_label}\n")
@@ -625,10 +376,10 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
             v = finals[lab].get(sd)
             run = next((r for r in all_groups[lab] if r.seed == sd), None)
             if v is not None:
-                cells.append(_f(v[1]))
+                cells.append(fmt(v[1]))
             elif run is not None and not run.done:
                 fv = run.final(metric)
-                cells.append(f"({_f(fv[1]) if fv else '-'}, unfinished)")
+                cells.append(f"({fmt(fv[1]) if fv else '-'}, unfinished)")
             else:
                 cells.append("-")
         L.append(f"| {sd} | " + " | ".join(cells) + " |")
@@ -639,14 +390,15 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
         L.append("|---|---|---|---|---|---|---|---|")
         for lab, res in paired.items():
             diffs = ", ".join(f"s{s}: {d:+.3g}" for s, d in zip(res.seeds, res.diffs)) or "-"
-            L.append(f"| {lab} | {res.n} | {diffs} | {_f(res.mean_diff)} | {_f(res.ci_low)} to {_f(res.ci_high)} | "
-                     f"{res.wins}/{res.n} | {_f(res.t_p, 2)} | {_f(res.wilcoxon_p, 2)} |")
+            L.append(f"| {lab} | {res.n} | {diffs} | {fmt(res.mean_diff)} | {fmt(res.ci_low)} to {fmt(res.ci_high)} | "
+                     f"{res.wins}/{res.n} | {fmt(res.t_p, 2)} | {fmt(res.wilcoxon_p, 2)} |")
         L.append("")
         L.append("**Verdicts** (a variant is called better or worse only when the 95% t interval of the mean "
                  "paired difference excludes 0):\n")
         for lab, res in paired.items():
             L.append(f"- {st.describe_paired(res, metric_label)}")
         L.append("")
+    L.extend(efficiency_section)
     L.append("## Spread across seeds\n")
     for lab in order:
         x = [v for _, (_, v) in sorted(finals[lab].items())]
@@ -658,9 +410,11 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
             y = [finals[base][s][1] for s in common]
         L.append(f"- {st.describe_spread(lab, x, base if y is not None else None, y, metric_label)}")
     L.append("")
+    L.extend(why_section)
     L.append("## Figures\n")
     captions = {
-        "metric_vs_step": f"{metric_label} vs training step (mean across seeds, band ±1 std).",
+        "metric_vs_step": f"{metric_label} vs training step (mean across seeds, band ±1 std; dashed: the "
+                          f"steps-to-threshold threshold).",
         "paired_diff_vs_step": "Paired difference to the baseline vs step: thin lines per seed, thick the mean, "
                                "band its 95% t CI.",
         "loss_vs_logsnr": "Mean (left) and variance (right, log scale) of the unweighted per-sample loss by "
@@ -683,5 +437,7 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
     L.append(f"- Spread: std across seeds (ddof = 1) with a percentile bootstrap 95% CI "
              f"({st.BOOTSTRAP_RESAMPLES} resamples of the seeds, numpy seed {st.BOOTSTRAP_SEED}); the spread "
              f"difference to the baseline uses a paired bootstrap of the std difference.")
-    L.append("- CSV: `report/per_seed.csv`, `report/summary.csv`, `report/paired.csv`, `report/loss_vs_logsnr.csv`.")
+    L.extend(dyn.EFFICIENCY_METHODS)
+    L.append("- CSV: `report/per_seed.csv`, `report/summary.csv`, `report/paired.csv`, `report/loss_vs_logsnr.csv`, "
+             "`report/efficiency_per_seed.csv`, `report/efficiency_paired.csv`.")
     return "\n".join(L) + "\n"

@@ -16,6 +16,13 @@ per-seed differences ``d_s = method_s - baseline_s``:
 
 The wording of :func:`describe_paired` follows the numbers: a method is called better/worse
 only when the t interval excludes 0, always with its win count, interval and p-value.
+
+Issue 17 adds per-run sample-efficiency scores that go through the same paired statistics: the
+normalised area under the score curve (:func:`curve_auc`) and the step at which the score
+first reaches a threshold taken from the baseline (:func:`steps_to_threshold`,
+:func:`baseline_threshold`, censored runs in :func:`paired_crossing_comparison`); and, for a
+look at why, the effective sample fraction of a weighted batch and the log-SNR ranges a
+weighting moves weight to.
 """
 from __future__ import annotations
 
@@ -174,3 +181,181 @@ def describe_spread(method: str, x: Sequence[float], baseline: Optional[str] = N
             text += (f"; no clear difference in spread from {baseline} (std difference {_fmt(d)}, paired "
                      f"bootstrap 95% CI {_fmt(dlo)} to {_fmt(dhi)} contains 0)")
     return text + "."
+
+
+# ---------------------------------------------------------------------------------------------
+# sample efficiency (issue 17): area under the score curve and steps to a threshold
+# ---------------------------------------------------------------------------------------------
+Curve = Tuple[np.ndarray, np.ndarray]  # (evaluation steps, scores), steps increasing
+
+
+def require_same_eval_steps(curves: Mapping[str, Curve]) -> np.ndarray:
+    """The evaluation steps of ``curves`` (name -> curve), which must all be the same: an AUC or
+    a crossing step compared across runs is only meaningful over the same evaluation points."""
+    if not curves:
+        raise ValueError("no curves to compare")
+    ref_name, (ref_steps, _) = next(iter(curves.items()))
+    ref = [int(s) for s in ref_steps]
+    for name, (steps, _) in curves.items():
+        own = [int(s) for s in steps]
+        if own != ref:
+            only_own = sorted(set(own) - set(ref))
+            only_ref = sorted(set(ref) - set(own))
+            raise ValueError(
+                f"evaluation steps differ: {name} has {len(own)} ({_steps_text(only_own)} not in {ref_name}) and "
+                f"{ref_name} has {len(ref)} ({_steps_text(only_ref)} not in {name}); AUC and steps-to-threshold "
+                f"need the same evaluation steps in every run compared")
+    return np.asarray(ref_steps)
+
+
+def _steps_text(steps: Sequence[int], most: int = 5) -> str:
+    if not steps:
+        return "none"
+    shown = ", ".join(str(s) for s in steps[:most])
+    return f"steps {shown}" + (f", ... ({len(steps)} in all)" if len(steps) > most else "")
+
+
+def _checked_curve(steps: Sequence[float], scores: Sequence[float]) -> Curve:
+    x, y = np.asarray(steps, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"steps {x.shape} and scores {y.shape} must be 1-d of the same length")
+    if x.size < 2:
+        raise ValueError(f"a score curve needs at least 2 evaluation points, got {x.size}")
+    if np.any(np.diff(x) <= 0) or not np.all(np.isfinite(y)):
+        raise ValueError("evaluation steps must increase and scores must be finite")
+    return x, y
+
+
+def curve_auc(steps: Sequence[float], scores: Sequence[float]) -> float:
+    """Normalised area under score-vs-step: the trapezoid area over the evaluation points divided
+    by (last - first step), i.e. the mean score over training with the curve taken as linear between
+    evaluations. In score units, so a flat curve at c gives c and lower is better."""
+    x, y = _checked_curve(steps, scores)
+    area = float(np.sum(0.5 * (y[1:] + y[:-1]) * np.diff(x)))
+    return area / float(x[-1] - x[0])
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """When a run's score first fell to the threshold. ``step`` is that step, interpolated between
+    evaluations; if the run never got there (``censored``) it is the last evaluation step, a lower
+    bound of the true step."""
+    step: float
+    censored: bool
+
+    def text(self) -> str:
+        return f">{self.step:.0f}" if self.censored else f"{self.step:.0f}"
+
+
+def steps_to_threshold(steps: Sequence[float], scores: Sequence[float], threshold: float) -> Crossing:
+    """First step at which the score is <= ``threshold``, linearly interpolated between the last
+    evaluation above it and the first at or below it (the same linear curve the AUC integrates),
+    so a crossing is resolved finer than the evaluation spacing. A run already at or below the
+    threshold at its first evaluation crosses at that step (nothing earlier was measured)."""
+    x, y = _checked_curve(steps, scores)
+    reached = np.flatnonzero(y <= threshold)
+    if reached.size == 0:
+        return Crossing(float(x[-1]), True)
+    i = int(reached[0])
+    if i == 0:
+        return Crossing(float(x[0]), False)
+    frac = (y[i - 1] - threshold) / (y[i - 1] - y[i])
+    return Crossing(float(x[i - 1] + frac * (x[i] - x[i - 1])), False)
+
+
+def baseline_threshold(baseline_curves: Mapping[str, Curve]) -> Tuple[float, float]:
+    """(threshold, step): the baseline's mean score across seeds at the middle of its evaluation
+    range, linearly interpolated. The baseline needs about half its budget to get there, so both
+    faster variants and variants up to about twice as slow cross within the run (few censored
+    runs), and it sits in the early part of training where weightings act; unlike a fraction of
+    the improvement it does not depend on the (arbitrary) score at the first evaluation."""
+    steps = require_same_eval_steps(baseline_curves).astype(np.float64)
+    mean_curve = np.mean([_checked_curve(*c)[1] for c in baseline_curves.values()], axis=0)
+    mid = 0.5 * (steps[0] + steps[-1])
+    return float(np.interp(mid, steps, mean_curve)), mid
+
+
+@dataclass
+class CrossingComparison:
+    """Paired steps-to-threshold differences. Seeds where only one run crossed enter with the other
+    at its last evaluation step (a bound: the true difference is at least that large in magnitude,
+    so such pairs pull the mean towards 0); seeds where neither crossed say nothing about which is
+    faster and are left out (``neither``)."""
+    result: PairedResult
+    method_censored: List[int]
+    baseline_censored: List[int]
+    neither: List[int]
+
+
+def paired_crossing_comparison(method: Mapping[int, Crossing], baseline: Mapping[int, Crossing],
+                               method_name: str = "method", baseline_name: str = "baseline",
+                               level: float = 0.95) -> CrossingComparison:
+    """Paired comparison of crossing steps (dicts seed -> Crossing) on the seeds both have."""
+    seeds = sorted(set(method) & set(baseline))
+    neither = [s for s in seeds if method[s].censored and baseline[s].censored]
+    kept = [s for s in seeds if s not in neither]
+    result = paired_comparison({s: method[s].step for s in kept}, {s: baseline[s].step for s in kept},
+                               method_name, baseline_name, level)
+    return CrossingComparison(result=result, neither=neither,
+                              method_censored=[s for s in kept if method[s].censored],
+                              baseline_censored=[s for s in kept if baseline[s].censored])
+
+
+def describe_crossing(c: CrossingComparison) -> str:
+    """:func:`describe_paired` for crossing steps, with what the censored seeds do to it."""
+    r = c.result
+    if r.n == 0 and c.neither:
+        return (f"{r.method} vs {r.baseline}: neither reached the threshold on seeds "
+                f"{', '.join(map(str, c.neither))}; nothing to compare.")
+    text = describe_paired(r, "steps-to-threshold")
+    notes = []
+    if c.method_censored or c.baseline_censored:
+        notes.append(f"{len(c.method_censored)} seed(s) where only {r.baseline} and {len(c.baseline_censored)} "
+                     f"where only {r.method} reached the threshold enter with the last evaluation step for the "
+                     f"other run, so their differences are bounds towards 0")
+    if c.neither:
+        notes.append(f"seed(s) {', '.join(map(str, c.neither))} left out (neither reached it)")
+    return (text[:-1] + " (" + "; ".join(notes) + ").") if notes else text
+
+
+# ---------------------------------------------------------------------------------------------
+# where the weights go (issue 17): effective sample size and the weight shift over log-SNR
+# ---------------------------------------------------------------------------------------------
+WEIGHT_TOLERANCE = 0.05  # |mean weight - 1| up to this counts as unchanged
+
+def effective_sample_fraction(counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Kish effective sample size of a weighted batch as a fraction of the batch,
+    ``(sum_k n_k w_k)^2 / (N sum_k n_k w_k^2)`` with ``n_k`` samples of weight ``w_k`` in bin k:
+    1 when every sample has the same weight, 1/N when one sample carries it all. It says how much
+    of each batch the weighted loss effectively averages over. ``counts``, ``weights``: (..., K);
+    NaN where no sample or no weight."""
+    n, w = np.asarray(counts, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    total = n.sum(-1)
+    first, second = (n * w).sum(-1), (n * w * w).sum(-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((total > 0) & (second > 0), first * first / (total * second), np.nan)
+
+
+def weight_ranges(bin_edges: Sequence[float], mean_weight: Sequence[float], used: Sequence[bool],
+                  tolerance: float = WEIGHT_TOLERANCE) -> Dict[str, List[Tuple[float, float, float]]]:
+    """Where a weighting moves weight over log-SNR: the runs of adjacent bins (among the ``used``
+    ones, those that saw samples) with mean weight above ``1 + tolerance`` ("up") and below
+    ``1 - tolerance`` ("down"), each as (lam_low, lam_high, mean weight over those bins). Weights
+    are relative to uniform (VAW normalises the table to mean 1 over the sample distribution), so
+    1 is "unchanged"; the tolerance keeps a few percent of noise from reading as a shift."""
+    edges = np.asarray(bin_edges, dtype=np.float64)
+    w = np.asarray(mean_weight, dtype=np.float64)
+    out: Dict[str, List[Tuple[float, float, float]]] = {"up": [], "down": []}
+    run: List[int] = []
+    side = None
+    for k in range(w.size + 1):
+        k_side = None
+        if k < w.size and used[k] and np.isfinite(w[k]) and abs(w[k] - 1.0) > tolerance:
+            k_side = "up" if w[k] > 1.0 else "down"
+        if run and k_side != side:
+            out[side].append((float(edges[run[0]]), float(edges[run[-1] + 1]), float(w[run].mean())))
+            run = []
+        if k_side is not None:
+            run.append(k)
+        side = k_side
+    return out
