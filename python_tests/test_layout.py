@@ -19,12 +19,26 @@ def package_modules() -> Dict[str, Path]:
     return {module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
 
 
+def runtime_nodes(tree: ast.AST):
+    """Every node except those under ``if TYPE_CHECKING:`` (annotations only: never executed)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            test = child.test if isinstance(child, ast.If) else None
+            if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+            else:
+                stack.append(child)
+
+
 def imported_modules(name: str, path: Path, known: Set[str]) -> Set[str]:
     """Package modules that ``name`` imports anywhere in its file (functions included)."""
     is_package = path.name == "__init__.py"
     here = name if is_package else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -71,6 +85,13 @@ def find_cycle(graph: Dict[str, Set[str]]) -> List[str]:
 def test_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_type_checking_imports_are_not_runtime_edges():
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\nelse:\n    import b\n"
+                     "def f():\n    import c\n")
+    names = {alias.name for node in runtime_nodes(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert names == {"b", "c"}
 
 
 def test_the_graph_sees_relative_and_absolute_imports():

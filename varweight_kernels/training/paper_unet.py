@@ -3,7 +3,7 @@
 Built from the layer-by-layer facts in ``shared/PAPER_UNET.md``. Its ``state_dict()`` has the
 paper checkpoint's names and shapes, so a checkpoint of the paper's code loads with
 ``load_state_dict(strict=True)``; 50,020,099 trainable parameters for 3 input channels at the
-default ``base_channels=128``. It differs from :class:`~.unet.UNet` (the DDPM/ADM-like layout):
+default ``base_channels=128``. It differs from :class:`~.ddpm_unet.UNet` (the DDPM/ADM-like layout):
 one skip per level, no attention in the middle, no normalisation before the output conv, a time
 MLP without a final activation, GroupNorm(32) with eps 1e-5, and default PyTorch initialisation
 everywhere (nothing zero-initialised, so the output is not 0 at init).
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import Downsample, Upsample, checked_inputs
+from .ddpm_unet import Downsample, Upsample, checked_inputs
 
 __all__ = ["PaperUNet", "PaperResBlock", "PaperAttnBlock", "NORM_GROUPS"]
 
