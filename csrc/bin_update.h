@@ -19,6 +19,12 @@ struct Params {
 };
 
 constexpr double kRawWeightCap = 1e300;  // reference.RAW_WEIGHT_CAP
+// reference.MAX_STAT_SQUARE: a loss enters the statistics only if L * L (float64) is at most the
+// float32 maximum, so the float32 state (Q is an average of L^2) can never overflow.
+constexpr double kMaxStatSquare = 3.4028234663852886e38;
+
+// Whether a loss value may enter the statistics (false for NaN, inf and |L| above about 1.8e19).
+VAW_HOST_DEVICE bool stat_loss_ok(double L) { return L * L <= kMaxStatSquare; }
 
 // x ** e as torch.pow(tensor, python float) computes it (its special exponents included).
 VAW_HOST_DEVICE double pow_scalar(double x, double e) {

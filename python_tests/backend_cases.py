@@ -72,6 +72,15 @@ def edge_cases() -> List[Case]:
     ]
     loss = torch.exp(torch.randn(513, generator=gen, dtype=torch.float64))
     cases.append(Case("one bin", dict(num_bins=64, min_count=4), [(loss, torch.full((513,), 3.3, dtype=torch.float64))] * 2))
+    # Losses around the largest |L| the statistics take (L * L at most the float32 maximum), and
+    # subnormal ones; 2048 samples so the vectorised C++ stages see them too.
+    limit = float.fromhex("0x1.fffffep+63")
+    huge = torch.exp(torch.randn(2048, generator=gen, dtype=torch.float64))
+    specials = torch.tensor([limit, -limit, float.fromhex("0x1.000000p+64"), 1e20, -1e30, 1e-40, 3e-45, 1e300],
+                            dtype=torch.float64)
+    huge[:len(specials) * 200:200] = specials
+    cases.append(Case("huge and subnormal losses", dict(num_bins=16, min_count=1),
+                      [(huge, torch.linspace(-12, 12, 2048, dtype=torch.float64))] * 2))
     nan_loss = torch.full((64,), float("nan"), dtype=torch.float64)
     cases.append(Case("all NaN", dict(num_bins=8, min_count=0), [(nan_loss, torch.linspace(-12, 12, 64, dtype=torch.float64))]))
     return cases

@@ -27,6 +27,11 @@ def as_kernel_params(params) -> KernelParams:
     return params if isinstance(params, KernelParams) else KernelParams._make(params)
 
 
+# Far beyond any useful resolution of log-SNR, and small enough that every backend's per-bin
+# buffers stay a few MB: a typo such as num_bins=10**9 is refused instead of exhausting memory.
+MAX_NUM_BINS = 65536
+
+
 @dataclass(frozen=True)
 class VAWConfig:
     """Hyper-parameters of VAW. Construction validates every field and names the bad one."""
@@ -44,8 +49,8 @@ class VAWConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "logsnr_range", tuple(float(v) for v in self.logsnr_range))
         object.__setattr__(self, "weight_range", tuple(float(v) for v in self.weight_range))
-        if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int) or self.num_bins < 1:
-            raise ValueError(f"num_bins must be an integer >= 1, got {self.num_bins!r}")
+        if isinstance(self.num_bins, bool) or not isinstance(self.num_bins, int) or not 1 <= self.num_bins <= MAX_NUM_BINS:
+            raise ValueError(f"num_bins must be an integer in [1, {MAX_NUM_BINS}], got {self.num_bins!r}")
         if len(self.logsnr_range) != 2:
             raise ValueError(f"logsnr_range must be a pair (lmin, lmax), got {self.logsnr_range!r}")
         lmin, lmax = self.logsnr_range

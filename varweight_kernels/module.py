@@ -1,6 +1,7 @@
 """``VarianceAwareWeighting``: the drop-in ``nn.Module`` of SPEC.md."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -13,6 +14,7 @@ from .reference import bin_mean_var
 
 STATE_FORMAT_VERSION = 1
 STATISTIC_BUFFERS = ("M", "Q", "Z", "C", "weight")
+NONNEGATIVE_BUFFERS = ("Q", "Z", "C", "weight", "step", "nonfinite")
 
 
 class VarianceAwareWeighting(nn.Module):
@@ -136,24 +138,15 @@ class VarianceAwareWeighting(nn.Module):
                                       unexpected_keys, error_msgs)
 
     def _validate_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
+        """Refuse a state this module could never have produced, before any buffer changes."""
+        saved = self._saved_config(state_dict.get(prefix + "_extra_state"))
         K = self.config.num_bins
-        extra = state_dict.get(prefix + "_extra_state")
-        if extra is not None:
-            version = extra.get("format_version") if isinstance(extra, dict) else None
-            if version != STATE_FORMAT_VERSION:
-                raise RuntimeError(f"VAW state has format version {version!r}; this build reads "
-                                   f"version {STATE_FORMAT_VERSION}")
-            saved = extra.get("config", {})
-            if saved.get("num_bins", K) != K:
-                raise RuntimeError(f"VAW state has num_bins={saved['num_bins']}, this module has num_bins={K}")
-            saved_range = tuple(float(v) for v in saved.get("logsnr_range", self.config.logsnr_range))
-            if saved_range != self.config.logsnr_range:
-                raise RuntimeError(f"VAW state has logsnr_range={saved_range}, this module has "
-                                   f"logsnr_range={self.config.logsnr_range}")
         for name in STATE_NAMES:
             value = state_dict.get(prefix + name)
             if value is None:
                 continue
+            if not isinstance(value, torch.Tensor):
+                raise RuntimeError(f"VAW state buffer {name!r} is a {type(value).__name__}, not a tensor")
             expected = getattr(self, name).shape
             if tuple(value.shape) != tuple(expected):
                 if name in STATISTIC_BUFFERS and value.dim() == 1:
@@ -163,5 +156,48 @@ class VarianceAwareWeighting(nn.Module):
                                    f"expected {tuple(expected)}")
             if name in STATISTIC_BUFFERS and not bool(torch.isfinite(value).all()):
                 raise RuntimeError(f"VAW state buffer {name!r} holds NaN or inf; refusing to load it")
+            if name in NONNEGATIVE_BUFFERS and bool((value < 0).any()):
+                raise RuntimeError(f"VAW state buffer {name!r} holds negative values, which no step produces")
+        z = state_dict.get(prefix + "Z")
+        if z is not None and bool((z > 1).any()):
+            raise RuntimeError("VAW state buffer 'Z' exceeds 1 (it is 1 - decay^n); refusing to load it")
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None:
+            wmin, wmax = saved.weight_range
+            # A table entry is a clamped weight, 1 (warm-up, no data) or between them (ramp), in float32.
+            low, high = (float(torch.tensor(v, dtype=torch.float32)) for v in (min(wmin, 1.0), max(wmax, 1.0)))
+            if bool(((weight < low) | (weight > high)).any()):
+                raise RuntimeError(f"VAW state buffer 'weight' has entries outside [{low}, {high}] "
+                                   f"(weight_range {saved.weight_range}); refusing to load it")
 
+    def _saved_config(self, extra: Any) -> VAWConfig:
+        """The config the state was saved under (this module's when the state carries none).
 
+        num_bins and logsnr_range must match (the bins would mean something else); other
+        differences are allowed, since changing e.g. the power mid-training can be intended, and
+        warned about once per load, naming them.
+        """
+        if extra is None:
+            return self.config
+        if not isinstance(extra, dict) or extra.get("format_version") != STATE_FORMAT_VERSION:
+            version = extra.get("format_version") if isinstance(extra, dict) else None
+            raise RuntimeError(f"VAW state has format version {version!r}; this build reads "
+                               f"version {STATE_FORMAT_VERSION}")
+        fields = extra.get("config")
+        try:
+            saved = VAWConfig(**fields)
+        except (TypeError, ValueError) as exc:
+            raise RuntimeError(f"VAW state carries an invalid config ({exc})") from None
+        if saved.num_bins != self.config.num_bins:
+            raise RuntimeError(f"VAW state has num_bins={saved.num_bins}, this module has "
+                               f"num_bins={self.config.num_bins}")
+        if saved.logsnr_range != self.config.logsnr_range:
+            raise RuntimeError(f"VAW state has logsnr_range={saved.logsnr_range}, this module has "
+                               f"logsnr_range={self.config.logsnr_range}")
+        changed = [f"{k}: saved {v!r}, now {getattr(self.config, k)!r}" for k, v in vars(saved).items()
+                   if v != getattr(self.config, k)]
+        if changed:
+            warnings.warn("loading a VAW state saved under another config (" + "; ".join(changed) + "); the "
+                          "statistics are kept and the next update applies this module's settings",
+                          RuntimeWarning, stacklevel=4)
+        return saved

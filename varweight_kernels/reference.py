@@ -25,6 +25,9 @@ from .config import KernelParams
 
 # Cap on the un-normalised weight so that sum(pi * raw) stays finite for any power.
 RAW_WEIGHT_CAP = 1e300
+# A loss enters the statistics only if L * L (float64) is at most the float32 maximum (|L| up to
+# about 1.8e19): Q averages L^2 in float32, so a larger loss would overflow the state for good.
+MAX_STAT_SQUARE = float(torch.finfo(torch.float32).max)
 
 
 def accumulation_dtype(loss_dtype: torch.dtype) -> torch.dtype:
@@ -53,7 +56,7 @@ def forward_moments(loss: torch.Tensor, lam: torch.Tensor, weight: torch.Tensor,
     if not training:
         return out, w, None
     values = detached.to(torch.float64)
-    valid = torch.isfinite(values) & ~lam_nan
+    valid = (values * values <= MAX_STAT_SQUARE) & ~lam_nan  # False for NaN and inf too
     zero = torch.zeros((), dtype=torch.float64, device=loss.device)
     masked = torch.where(valid, values, zero)
     per_sample = torch.stack([valid.to(torch.float64), masked, masked * masked])

@@ -99,7 +99,8 @@ inline int32_t bin_of(float l, const BinParams& bp) {
   return std::isnan(l) ? 0 : static_cast<int32_t>(u);
 }
 
-inline bool finite_double(double x) { return std::fabs(x) <= 1.7976931348623157e308; }
+// The largest float32 |L| with stat_loss_ok(L): the vectorised float32 stages compare |L| with it.
+constexpr float kMaxStatLossF32 = 0x1.fffffep+63f;
 
 // One sample: its weight `wv` and its histogram row (bp.dump for a sample kept out of the
 // statistics, whose w * L then goes to `excluded`).
@@ -108,7 +109,7 @@ inline int32_t weigh_sample(float l, double L, const float* __restrict__ table, 
   const bool lam_nan = std::isnan(l);
   const int32_t b = bin_of(l, bp);
   wv = lam_nan ? 1.0f : table[b];
-  if (lam_nan || !finite_double(L)) {
+  if (lam_nan || !stat_loss_ok(L)) {
     excluded += static_cast<double>(wv) * L;
     return bp.dump;
   }
@@ -252,7 +253,7 @@ VAW_TARGET_AVX2 void stage_avx2(const float* __restrict__ loss, const float* __r
   const __m256 vl = _mm256_set1_ps(bp.lmin), vs = _mm256_set1_ps(bp.bin_scale), vk = _mm256_set1_ps(bp.kmax);
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256 fmax = _mm256_set1_ps(3.4028234663852886e38f);
+  const __m256 lmax = _mm256_set1_ps(kMaxStatLossF32);
   const __m256i dump = _mm256_set1_epi32(bp.dump);
   const __m256 t8 = table8 != nullptr ? _mm256_loadu_ps(table8) : zero;
   int64_t j = 0;
@@ -267,8 +268,8 @@ VAW_TARGET_AVX2 void stage_avx2(const float* __restrict__ loss, const float* __r
     const __m256 wv = _mm256_blendv_ps(looked, one, nan);
     _mm256_storeu_ps(w_out + j, wv);
     const __m256 L = _mm256_loadu_ps(loss + j);
-    const __m256 finite = _mm256_cmp_ps(_mm256_and_ps(L, absmask), fmax, _CMP_LE_OQ);
-    const __m256 bad = _mm256_or_ps(nan, _mm256_xor_ps(finite, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+    const __m256 ok = _mm256_cmp_ps(_mm256_and_ps(L, absmask), lmax, _CMP_LE_OQ);
+    const __m256 bad = _mm256_or_ps(nan, _mm256_xor_ps(ok, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
     const int bad_bits = _mm256_movemask_ps(bad);
     _mm256_store_si256(reinterpret_cast<__m256i*>(st.rows + j),
                        _mm256_blendv_epi8(b, dump, _mm256_castps_si256(bad)));
@@ -291,7 +292,7 @@ VAW_TARGET_AVX512 void stage_avx512(const float* __restrict__ loss, const float*
                                     double& excluded) {
   const __m512 vl = _mm512_set1_ps(bp.lmin), vs = _mm512_set1_ps(bp.bin_scale), vk = _mm512_set1_ps(bp.kmax);
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-  const __m512 fmax = _mm512_set1_ps(3.4028234663852886e38f);
+  const __m512 lmax = _mm512_set1_ps(kMaxStatLossF32);
   const __m512i dump = _mm512_set1_epi32(bp.dump);
   const __m512i bit5 = _mm512_set1_epi32(32);
   const bool permute = table64 != nullptr;
@@ -321,8 +322,8 @@ VAW_TARGET_AVX512 void stage_avx512(const float* __restrict__ loss, const float*
     const __m512 wv = _mm512_mask_mov_ps(looked, nan, one);
     _mm512_storeu_ps(w_out + j, wv);
     const __m512 L = _mm512_loadu_ps(loss + j);
-    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_abs_ps(L), fmax, _CMP_LE_OQ);
-    const __mmask16 bad = static_cast<__mmask16>(nan | static_cast<__mmask16>(~finite));
+    const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(L), lmax, _CMP_LE_OQ);
+    const __mmask16 bad = static_cast<__mmask16>(nan | static_cast<__mmask16>(~ok));
     _mm512_store_si512(st.rows + j, _mm512_mask_mov_epi32(b, bad, dump));
     if (__builtin_expect(bad != 0, 0)) {
       alignas(64) float wt[16], Lt[16];

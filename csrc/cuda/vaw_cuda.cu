@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
         w_out[i] = wv;
         wsum = __dadd_rn(wsum, __dmul_rn(static_cast<double>(wv), L));
         if (TRAIN) {
-          valid = !lam_nan && isfinite(L);
+          valid = !lam_nan && stat_loss_ok(L);
           if (!valid) nonfinite += 1.0;
         }
       }

@@ -24,7 +24,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from ..config import KernelParams
-from ..reference import RAW_WEIGHT_CAP
+from ..reference import MAX_STAT_SQUARE as _MAX_STAT_SQUARE, RAW_WEIGHT_CAP
 from .base import Backend, triton_interpret
 
 try:
@@ -74,6 +74,7 @@ def launch_geometry(batch: int, num_bins: int, training: bool, interpret: bool) 
 
 if triton is not None:
     RAW_CAP = tl.constexpr(RAW_WEIGHT_CAP)
+    MAX_STAT_SQUARE = tl.constexpr(_MAX_STAT_SQUARE)
     # Offsets of the named scalars in the float64 ``params`` tensor the kernels read (KernelParams order).
     LMIN, BIN_SCALE, DECAY, POWER, EPS, MIN_COUNT, WMIN, WMAX, WARMUP, RAMP = (
         tl.constexpr(KernelParams._fields.index(name)) for name in
@@ -123,8 +124,7 @@ if triton is not None:
                 out_acc += (w.to(ACC) * loss.to(ACC)).to(tl.float64)
             if TRAINING:
                 value = loss.to(tl.float64)
-                exponent = value.to(tl.int64, bitcast=True) & 0x7FF0000000000000
-                valid = mask & (exponent != 0x7FF0000000000000) & ~lam_nan
+                valid = mask & (value * value <= MAX_STAT_SQUARE) & ~lam_nan  # False for NaN and inf
                 bad_acc += (mask & ~valid).to(tl.int32)
                 hit = (idx[:, None] == bins[None, :]) & valid[:, None]
                 n_acc += hit.to(tl.int32)
