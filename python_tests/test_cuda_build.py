@@ -11,15 +11,14 @@ import os
 import shutil
 import struct
 import subprocess
-from typing import List, Tuple
 
 import pytest
 import torch
 
 from varweight_kernels.backends import extension as _ext
 
-FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
-FATBIN_KIND_PTX, FATBIN_KIND_ELF = 1, 2
+from varweight_kernels.backends.extension import FATBIN_KIND_ELF, FATBIN_KIND_PTX, fatbin_entries, runs_on_capability
+
 EM_CUDA = 190
 
 
@@ -37,30 +36,6 @@ def cuda_library() -> str:
             pytest.fail(f"VARWEIGHT_REQUIRE_CUDA_BUILD is set but {message}", pytrace=False)
         pytest.skip(message)
     return path
-
-
-def fatbin_entries(data: bytes) -> List[Tuple[int, int, bytes]]:
-    """(kind, sm, first payload bytes) of every entry of every fatbinary in ``data``.
-
-    Layout: header {u32 magic 0xBA55ED50, u16 version, u16 header size, u64 entries size}; entries
-    {u16 kind (1 PTX, 2 ELF), u16, u32 header size, u64 payload size, ..., u32 arch at offset 28}.
-    """
-    entries = []
-    pos = data.find(FATBIN_MAGIC)
-    while pos >= 0:
-        _, _, header_size, total = struct.unpack_from("<IHHQ", data, pos)
-        entry = pos + header_size
-        end = min(entry + total, len(data))
-        while entry + 32 <= end:
-            kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, entry)
-            (arch,) = struct.unpack_from("<I", data, entry + 28)
-            if entry_header < 32 or kind not in (FATBIN_KIND_PTX, FATBIN_KIND_ELF):
-                break
-            payload = entry + entry_header
-            entries.append((kind, arch, data[payload:payload + 64]))
-            entry = payload + size
-        pos = data.find(FATBIN_MAGIC, max(end, pos + 4))
-    return entries
 
 
 def cuobjdump() -> str | None:
@@ -105,3 +80,37 @@ def test_default_arch_list_covers_sm80_and_sm90(cuda_library):
 
 def test_cuda_library_matches_installed_torch(cuda_library):
     assert _ext.read_marker(cuda_library) == torch.__version__
+
+
+def test_capability_check_follows_cuda_compatibility():
+    entries = [(FATBIN_KIND_ELF, 80, b""), (FATBIN_KIND_ELF, 90, b"")]
+    assert runs_on_capability(entries, (9, 0)) and runs_on_capability(entries, (8, 6))  # sm_80 code runs on 8.6
+    assert not runs_on_capability(entries, (7, 5)) and not runs_on_capability(entries, (10, 0))
+    assert runs_on_capability(entries + [(FATBIN_KIND_PTX, 90, b"")], (10, 0))  # PTX is JIT-compiled upwards
+    assert not runs_on_capability([], (9, 0))
+
+
+def _fake_fatbin(archs) -> bytes:
+    """A fatbinary with one empty ELF entry per architecture (the layout fatbin_entries reads)."""
+    entries = b"".join(struct.pack("<HHIQ", FATBIN_KIND_ELF, 0, 32, 0) + bytes(12) + struct.pack("<I", arch)
+                       for arch in archs)
+    return b"junk" + struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(entries)) + entries
+
+
+def test_cuda_backend_names_the_missing_architecture(tmp_path, monkeypatch):
+    from varweight_kernels.backends import compiled, extension
+
+    lib = tmp_path / "_C_cuda.so"
+    lib.write_bytes(_fake_fatbin([80, 90]))
+    assert [arch for _, arch, _ in fatbin_entries(lib.read_bytes())] == [80, 90]
+    monkeypatch.setattr(extension, "find_library", lambda module: str(lib))
+    assert compiled._missing_code_reason((9, 0)) is None
+    reason = compiled._missing_code_reason((12, 0))
+    assert "sm_80, sm_90" in reason and "compute capability 12.0" in reason and "TORCH_CUDA_ARCH_LIST" in reason
+
+
+def test_auto_prefers_cuda_then_triton_on_cuda_tensors():
+    from varweight_kernels.backends.registry import auto_order
+
+    assert auto_order("cuda") == ("cuda", "triton", "reference")
+    assert auto_order("cpu") == ("cpp", "reference")

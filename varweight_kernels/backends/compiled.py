@@ -6,7 +6,7 @@ The fused ``step`` is one dispatcher call that bins, gathers, reduces and update
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -60,12 +60,40 @@ class CppBackend(_CompiledBackend):
 class CudaBackend(_CompiledBackend):
     devices = ("cuda",)
 
+    def __init__(self) -> None:
+        self._code_reasons: Dict[int, Optional[str]] = {}  # device index -> why the library has no code for it
+
     def unavailable_reason(self) -> Optional[str]:
         if EXTENSION.cuda_reason is not None:
             return EXTENSION.cuda_reason
         if not torch.cuda.is_available():
             return "needs a CUDA device (torch.cuda.is_available() is False)"
         return None
+
+    def device_reason(self, device: torch.device) -> Optional[str]:
+        reason = super().device_reason(device)
+        if reason is None:
+            index = torch.cuda.current_device() if device.index is None else device.index
+            if index not in self._code_reasons:
+                self._code_reasons[index] = _missing_code_reason(torch.cuda.get_device_capability(index))
+            reason = self._code_reasons[index]
+        return reason
+
+
+def _missing_code_reason(capability: Tuple[int, int]) -> Optional[str]:
+    """Why the built CUDA library cannot run on a device of ``capability`` (None when it can), so
+    that auto falls back instead of failing at the first launch."""
+    path = extension.find_library(extension.CUDA_MODULE)
+    if path is None:  # loaded from elsewhere: nothing to read, the launch will tell
+        return None
+    with open(path, "rb") as f:
+        entries = extension.fatbin_entries(f.read())
+    if extension.runs_on_capability(entries, capability):
+        return None
+    built = ", ".join(f"sm_{arch}" for arch in sorted({arch for _, arch, _ in entries})) or "no architecture"
+    major, minor = capability
+    return (f"the CUDA library was built for {built}, with no code for this device (compute capability "
+            f"{major}.{minor}); rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" pip install --no-build-isolation .")
 
 
 def cpu_isa(request: str = "") -> str:

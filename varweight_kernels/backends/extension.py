@@ -16,10 +16,11 @@ import dataclasses
 import importlib.util
 import os
 import re
+import struct
 import threading
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,6 +62,44 @@ def read_marker(path: str) -> Optional[str]:
         if version.isprintable():
             return version
     return None
+
+
+FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
+FATBIN_KIND_PTX, FATBIN_KIND_ELF = 1, 2
+
+
+def fatbin_entries(data: bytes) -> List[Tuple[int, int, bytes]]:
+    """(kind, sm, first payload bytes) of every entry of every fatbinary in ``data``.
+
+    Layout: header {u32 magic 0xBA55ED50, u16 version, u16 header size, u64 entries size}; entries
+    {u16 kind (1 PTX, 2 ELF), u16, u32 header size, u64 payload size, ..., u32 arch at offset 28}.
+    """
+    entries: List[Tuple[int, int, bytes]] = []
+    pos = data.find(FATBIN_MAGIC)
+    while pos >= 0:
+        _, _, header_size, total = struct.unpack_from("<IHHQ", data, pos)
+        entry = pos + header_size
+        end = min(entry + total, len(data))
+        while entry + 32 <= end:
+            kind, _, entry_header, size = struct.unpack_from("<HHIQ", data, entry)
+            (arch,) = struct.unpack_from("<I", data, entry + 28)
+            if entry_header < 32 or kind not in (FATBIN_KIND_PTX, FATBIN_KIND_ELF):
+                break
+            payload = entry + entry_header
+            entries.append((kind, arch, data[payload:payload + 64]))
+            entry = payload + size
+        pos = data.find(FATBIN_MAGIC, max(end, pos + 4))
+    return entries
+
+
+def runs_on_capability(entries: Sequence[Tuple[int, int, bytes]], capability: Tuple[int, int]) -> bool:
+    """Whether a library with these fatbinary entries has code for a device of ``capability``:
+    machine code of the same major version and a minor at most the device's, or PTX of an
+    architecture at most the device's (the driver compiles it)."""
+    major, minor = capability
+    device = 10 * major + minor
+    return any((kind == FATBIN_KIND_ELF and arch // 10 == major and arch <= device)
+               or (kind == FATBIN_KIND_PTX and arch <= device) for kind, arch, _ in entries)
 
 
 def find_library(module: str) -> Optional[str]:

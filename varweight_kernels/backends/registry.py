@@ -21,8 +21,9 @@ class BackendSpec(NamedTuple):
 BACKENDS: Tuple[BackendSpec, ...] = (
     BackendSpec("reference", "varweight_kernels.backends.reference", "ReferenceBackend", {"cpu": 1, "cuda": 2}),
     BackendSpec("cpp", "varweight_kernels.backends.compiled", "CppBackend", {"cpu": 0}),
-    BackendSpec("triton", "varweight_kernels.backends.triton", "TritonBackend", {"cuda": 0}),
-    BackendSpec("cuda", "varweight_kernels.backends.compiled", "CudaBackend", {"cuda": 1}),
+    BackendSpec("triton", "varweight_kernels.backends.triton", "TritonBackend", {"cuda": 1}),
+    # Fastest on CUDA tensors at every size measured on an H200 (benchmarks/RESULTS.md).
+    BackendSpec("cuda", "varweight_kernels.backends.compiled", "CudaBackend", {"cuda": 0}),
 )
 
 BACKEND_NAMES: Tuple[str, ...] = tuple(spec.name for spec in BACKENDS)
