@@ -467,3 +467,25 @@ def test_no_jit_env_makes_backend_unavailable_with_reason():
                PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_an_installed_build_is_found_when_a_source_checkout_shadows_it(tmp_path, monkeypatch):
+    """``pip install .`` then ``python train_cifar.py`` in the repository root: the package imported is
+    the source tree (no library beside it); the loader must find the installed build, not JIT-build."""
+    import importlib.metadata
+
+    library = tmp_path / "site" / "varweight_kernels" / "_C.cpython-311-x86_64-linux-gnu.so"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"\x7fELF")
+
+    class Entry(str):
+        def locate(self):
+            return tmp_path / "site" / self
+
+    class Dist:
+        files = [Entry("varweight_kernels/__init__.py"), Entry("varweight_kernels/_C.cpython-311-x86_64-linux-gnu.so")]
+
+    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist() if name == "varweight" else None)
+    monkeypatch.setattr(_ext.importlib.util, "find_spec", lambda name: None)
+    assert _ext.find_library(_ext.CPU_MODULE) == str(library)
+    assert _ext.find_library(_ext.CUDA_MODULE) is None

@@ -12,8 +12,11 @@ ignores the installed library (to test the fallback).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.metadata
 import importlib.util
+import io
 import os
 import re
 import struct
@@ -25,6 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 NAMESPACE = "varweight_ext"
+DISTRIBUTION = "varweight"
 CPU_MODULE = "varweight_kernels._C"
 CUDA_MODULE = "varweight_kernels._C_cuda"
 MARKER_PREFIX = b"VARWEIGHT_TORCH_VERSION_HEX="
@@ -103,14 +107,35 @@ def runs_on_capability(entries: Sequence[Tuple[int, int, bytes]], capability: Tu
 
 
 def find_library(module: str) -> Optional[str]:
-    """Path of an installed extension module without importing it."""
+    """Path of an installed extension module without importing it.
+
+    First beside the imported package; then in the installed distribution, for a source checkout
+    that shadows an installed (non-editable) build, as when ``python train_cifar.py`` runs from the
+    repository root after ``pip install .`` (the build's torch marker is still checked).
+    """
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin is not None and os.path.isfile(spec.origin):
+        return spec.origin
+    return installed_library(module)
+
+
+def installed_library(module: str) -> Optional[str]:
+    """The file of ``module`` recorded by the installed ``varweight`` distribution, if any."""
+    try:
+        files = importlib.metadata.distribution(DISTRIBUTION).files or []
+    except importlib.metadata.PackageNotFoundError:
         return None
-    if spec is None or spec.origin is None or not os.path.isfile(spec.origin):
-        return None
-    return spec.origin
+    stem = module.replace(".", "/") + "."
+    for entry in files:
+        name = str(entry)
+        if name.startswith(stem) and name.endswith((".so", ".pyd")):
+            path = str(entry.locate())
+            if os.path.isfile(path):
+                return path
+    return None
 
 
 def ops_registered(key: str = "CPU") -> bool:
@@ -156,7 +181,8 @@ def jit_build_name() -> str:
 
 def jit_build() -> None:
     """Compile and load the CPU kernels with torch.utils.cpp_extension.load (cached by torch)."""
-    from torch.utils.cpp_extension import load
+    with contextlib.redirect_stderr(io.StringIO()):  # its "No CUDA runtime is found" line is noise here
+        from torch.utils.cpp_extension import load
 
     src = source_dir()
     if src is None:
