@@ -9,7 +9,7 @@
     noise   <- N(0, I) on the "noise" stream
     terms   <- formulation.loss(model, x0, level, noise)      per-sample (B,) loss / mse / snr
     observer(terms.loss.detach(), lam)                        UNweighted per-bin statistics
-    loss    <- weighting(terms, lam)                          the chosen weighting's objective
+    loss    <- weighting.objective(terms, lam, is_weight)     the chosen weighting's objective
     backward; all-reduce (DDP); clip; skip if non-finite; AdamW; EMA
 
 RNG streams (``rng.derive_seed(seed, stream, rank)``), each its own ``torch.Generator`` on the
@@ -316,18 +316,8 @@ def build_noise_sampler(cfg: TrainConfig, formulation):
 
 
 def weighted_objective(cfg: TrainConfig, weighting, terms, lam: torch.Tensor, is_weight: Optional[torch.Tensor]):
-    """The weighting's scalar objective. Under importance-sampled levels each sample's term is
-    multiplied by its importance weight; the weighting itself (its statistics, e.g. VAW's) sees
-    the raw per-sample terms, so its per-bin estimates do not depend on how levels were drawn."""
-    if is_weight is None:
-        return weighting(terms, lam)
-    if cfg.weighting == "edm2":
-        u = weighting.logvar(lam).to(terms.loss.device)
-        weighting.last_weights = torch.exp(-u).detach()
-        return (is_weight * (terms.loss / torch.exp(u) + u)).mean()
-    weighting(terms, lam)  # updates the weighting's state, sets last_weights (detached)
-    term = terms.mse if cfg.weighting in ("min-snr", "p2") else terms.loss
-    return (weighting.last_weights.to(term.dtype) * is_weight.to(term.dtype) * term).mean()
+    """Old name, kept for benchmarks/overhead.py: ``weighting.objective(terms, lam, is_weight)``."""
+    return weighting.objective(terms, lam, is_weight)
 
 
 class EMA:
@@ -665,8 +655,7 @@ def train(cfg: TrainConfig, hooks: Optional[Dict[str, Callable]] = None) -> Dict
             if nan_from is not None and step >= nan_from:
                 terms = terms._replace(loss=terms.loss * float("nan"), mse=terms.mse * float("nan"))
             observer(terms.loss.detach().float(), lam)
-            loss = weighted_objective(cfg, weighting, terms, lam,
-                                      is_weight if cfg.noise_sampling != "default" else None)
+            loss = weighting.objective(terms, lam, is_weight if cfg.noise_sampling != "default" else None)
 
             # backward (always: DDP's all-reduce is collective), then skip if non-finite
             loss.backward()
@@ -728,15 +717,15 @@ def train(cfg: TrainConfig, hooks: Optional[Dict[str, Callable]] = None) -> Dict
                           "images_per_s": acc["n"] * cfg.batch_size / max(now - t_last, 1e-9),
                           "elapsed_s": now - t_start, "nonfinite": acc["nonfinite"], "skipped_steps": skipped,
                           "nonfinite_samples": int(observer.nonfinite), "epoch": batches.epoch}
-                if hasattr(weighting, "vaw"):
-                    wt = weighting.vaw.weight
-                    record.update(vaw_weight_min=float(wt.min()), vaw_weight_max=float(wt.max()))
+                bin_weights = weighting.bin_weights()
+                if bin_weights is not None:
+                    record.update(vaw_weight_min=float(bin_weights.min()), vaw_weight_max=float(bin_weights.max()))
                 if on_cadence:
                     t_last = now
                     acc = _new_accumulator()
                 else:
                     record["final"] = True
-                log.add_bins(step, observer.stats(), weighting.vaw.weight if hasattr(weighting, "vaw") else None)
+                log.add_bins(step, observer.stats(), bin_weights)
             evaluate_now = (cfg.fid_every and step % cfg.fid_every == 0) or \
                            (cfg.sample_every and step % cfg.sample_every == 0)
             if evaluate_now:
