@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["TrainConfig", "ConfigError", "PRESETS", "WEIGHTINGS", "DATASETS", "FORMULATIONS",
+__all__ = ["TrainConfig", "ConfigError", "TrainError", "PRESETS", "WEIGHTINGS", "DATASETS", "FORMULATIONS",
            "NOISE_SAMPLINGS", "SAMPLERS", "RESUME_MUTABLE", "build_parser", "explicit_flags", "resolve_config",
            "config_diff"]
 
@@ -32,6 +32,10 @@ VAW_BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
 
 class ConfigError(ValueError):
     """A bad setting; the message is one line, fit for the CLI."""
+
+
+class TrainError(RuntimeError):
+    """A user-facing failure at run time; the CLI prints it as one line and exits non-zero."""
 
 
 @dataclass
