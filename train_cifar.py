@@ -7,12 +7,12 @@
     python train_cifar.py --out runs/c10-vaw --sample-only --num-samples 5000
     torchrun --nproc_per_node 4 train_cifar.py --preset seed-cifar10 --out runs/c10-ddp
 
-Every flag and its default: ``python train_cifar.py --help``. A thin CLI over
-``varweight_kernels.training.config.TrainConfig`` and ``varweight_kernels.training.trainer``.
+Every flag and its default: ``python train_cifar.py --help``. A thin entry point to
+``varweight_kernels.training.cli`` (flags: ``training.config.TrainConfig``; the loop: ``training.loop``).
 """
 import sys
 
-from varweight_kernels.training.trainer import main
+from varweight_kernels.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,9 @@ import torch
 from varweight_kernels.training import checkpoint as ck
 from varweight_kernels.training.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from varweight_kernels.training.config import TrainConfig
-from varweight_kernels.training.trainer import NONFINITE_ENV, TIMING_FIELDS, main, train
+from varweight_kernels.training.cli import main
+from varweight_kernels.training.loop import Callbacks, train
+from varweight_kernels.training.run_dir import TIMING_FIELDS
 from tiny_runs import ROOT, TINY, TINY_FLAGS, one_thread, subprocess_env  # noqa: F401
 
 TINY = {**TINY, "weighting": "vaw"}
@@ -165,6 +167,21 @@ def test_no_good_checkpoint_stops_with_clear_error(tmp_path, capsys, six_steps):
     assert "ckpt_00000006.pt" in last and "ckpt_00000003.pt" in last
 
 
+def test_other_state_version_is_refused(tmp_path, capsys, six_steps):
+    out = tmp_path / "run"
+    shutil.copytree(six_steps, out)
+    for step in (3, 6):
+        path = out / "checkpoints" / f"ckpt_{step:08d}.pt"
+        state = load_checkpoint(str(path))
+        state["version"] = 2
+        save_checkpoint(state, str(path))
+    capsys.readouterr()
+    assert main(["--out", str(out), "--resume", "--steps", "8"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ckpt_00000006.pt" in err[0] and "version 2" in err[0], err
+    assert list_checkpoints(str(out / "checkpoints"))[0][0] == 6  # refused, not quarantined
+
+
 # -- crashes and signals ---------------------------------------------------------------------
 def _wait_for(pred, timeout, proc=None):
     t0 = time.time()
@@ -276,10 +293,22 @@ def test_trainer_full_disk_during_save_is_a_clear_error(tmp_path):
 
 
 # -- non-finite losses -----------------------------------------------------------------------
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(NONFINITE_ENV, "3")  # steps 4.. (1-based) get NaN losses
+class NaNFrom(Callbacks):
+    """From step ``start`` (0-based) on, every per-sample loss is NaN."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def on_terms(self, step, terms):
+        if step < self.start:
+            return terms
+        return terms._replace(loss=terms.loss * float("nan"), mse=terms.mse * float("nan"))
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, capsys):
+    nan_from_4th = NaNFrom(3)  # steps 4.. (1-based) get NaN losses
     out = tmp_path / "run"
-    res = train(tiny(out, steps=5, max_nonfinite=5))
+    res = train(tiny(out, steps=5, max_nonfinite=5), nan_from_4th)
     assert res["skipped_steps"] == 2
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert recs[-1]["skipped_steps"] == 2 and recs[-1]["nonfinite"] == 1 and recs[-2]["nonfinite"] == 1
@@ -290,7 +319,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
     # now too many in a row: a clear one-line error, the last good checkpoint intact
     out2 = tmp_path / "run2"
     capsys.readouterr()
-    rc = main(["--out", str(out2), *TINY_FLAGS, "--steps", "20", "--max-nonfinite", "4"])
+    rc = main(["--out", str(out2), *TINY_FLAGS, "--steps", "20", "--max-nonfinite", "4"], callbacks=nan_from_4th)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and "4 consecutive non-finite losses" in err[0], err
     assert "ckpt_00000006.pt" in err[0]

@@ -20,10 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from varweight_kernels.training import trainer
 from varweight_kernels.training.checkpoint import load_checkpoint
+from varweight_kernels.training.cli import main, parse_config
 from varweight_kernels.training.config import build_parser, PRESETS
-from varweight_kernels.training.trainer import TIMING_FIELDS, main, train
+from varweight_kernels.training.loop import Callbacks, train
+from varweight_kernels.training.run_dir import TIMING_FIELDS
 from tiny_runs import ROOT, TINY, TINY_FLAGS, one_thread, subprocess_env, tiny  # noqa: F401
 
 
@@ -129,17 +130,20 @@ def test_resume_refuses_incompatible_config(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------
 def test_paired_seeds_share_init_data_levels_and_noise(tmp_path):
-    def record(name, **kw):
-        seen = []
+    class Record(Callbacks):
+        def __init__(self):
+            self.seen = []
 
-        def on_batch(step, b):
+        def on_batch(self, step, b):
             entry = {"x0": _digest(b["x0"]), "noise": _digest(b["noise"]), "level": _digest(b["level"])}
             if step == 0:
                 entry["init"] = _digest(torch.cat([p.detach().flatten() for p in b["model"].parameters()]))
-            seen.append(entry)
+            self.seen.append(entry)
 
-        train(tiny(tmp_path / name, steps=3, flip=True, **kw), hooks={"on_batch": on_batch})
-        return seen
+    def record(name, **kw):
+        recorder = Record()
+        train(tiny(tmp_path / name, steps=3, flip=True, **kw), recorder)
+        return recorder.seen
 
     ref = record("uniform", weighting="uniform")
     assert record("vaw", weighting="vaw") == ref
@@ -166,22 +170,23 @@ import json, os, sys, hashlib, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads(1)
 from varweight_kernels.training.config import TrainConfig
-from varweight_kernels.training.trainer import train
+from varweight_kernels.training.loop import Callbacks, train
 cfg = TrainConfig(**json.loads(sys.argv[1]))
 # phase 1: stop after 3 steps; phase 2 (same processes, same process group): --resume to cfg.steps
 train(cfg.replace({{"steps": 3}}))
 cfg = cfg.replace({{"resume": True}})
 rank = int(os.environ["RANK"])
 first = {{}}
-def on_batch(step, b):
-    if step == cfg.steps - 1:
-        first["x0"] = hashlib.sha256(b["x0"].numpy().tobytes()).hexdigest()
-        first["noise"] = hashlib.sha256(b["noise"].numpy().tobytes()).hexdigest()
-def on_end(objs):
-    torch.save({{"model": objs["model"].state_dict(), "ema": objs["ema"].state_dict(),
-                "vaw": objs["weighting"].vaw.state_dict(), "observer": objs["observer"].state_dict(),
-                "batch": first}}, os.path.join(cfg.out, f"rank{{rank}}.pt"))
-train(cfg, hooks={{"on_batch": on_batch, "on_end": on_end}})
+class Save(Callbacks):
+    def on_batch(self, step, b):
+        if step == cfg.steps - 1:
+            first["x0"] = hashlib.sha256(b["x0"].numpy().tobytes()).hexdigest()
+            first["noise"] = hashlib.sha256(b["noise"].numpy().tobytes()).hexdigest()
+    def on_end(self, objs):
+        torch.save({{"model": objs["model"].state_dict(), "ema": objs["ema"].state_dict(),
+                    "vaw": objs["weighting"].vaw.state_dict(), "observer": objs["observer"].state_dict(),
+                    "batch": first}}, os.path.join(cfg.out, f"rank{{rank}}.pt"))
+train(cfg, Save())
 """
 
 
@@ -270,18 +275,26 @@ def test_cli_subprocess_help_and_error():
 
 
 def test_config_precedence_and_presets():
-    cfg = trainer.parse_config(["--preset", "digits-smoke", "--channels", "24"])
+    cfg = parse_config(["--preset", "digits-smoke", "--channels", "24"])
     assert cfg.channels == 24 and cfg.dataset == "digits" and cfg.steps == PRESETS["digits-smoke"]["steps"]
     assert cfg.lr == PRESETS["digits-smoke"]["lr"]
-    default = trainer.parse_config([])
+    default = parse_config([])
     assert (default.channels, default.channel_mults, default.attn_resolutions) == (128, (1, 2, 4), (16, 8))
     assert (default.batch_size, default.lr, default.weight_decay, default.grad_clip) == (128, 2e-4, 0.0, 1.0)
     assert (default.ema_decay, default.steps, default.sigma_data, default.sample_steps, default.rho) == \
         (0.9995, 60000, 0.5, 50, 7.0)
     for name in PRESETS:
-        trainer.parse_config(["--preset", name]).validate()
-    cfg = trainer.parse_config(["--vaw-logsnr-range", "-10", "8", "--attn-resolutions", "--no-flip"])
+        parse_config(["--preset", name]).validate()
+    cfg = parse_config(["--vaw-logsnr-range", "-10", "8", "--attn-resolutions", "--no-flip"])
     assert cfg.vaw_logsnr_range == (-10.0, 8.0) and cfg.attn_resolutions == () and cfg.flip is False
+
+
+def test_old_trainer_module_re_exports():
+    from varweight_kernels.training import builders, cli, config, loop, run_dir, sampling, trainer
+    assert (trainer.train, trainer.main, trainer.parse_config, trainer.sample_only) == \
+        (loop.train, cli.main, cli.parse_config, sampling.sample_only)
+    assert (trainer.TrainError, trainer.TIMING_FIELDS, trainer.EMA, trainer.build_model) == \
+        (config.TrainError, run_dir.TIMING_FIELDS, builders.EMA, builders.build_model)
 
 
 def test_final_persample_analysis_is_written(tmp_path):

@@ -130,6 +130,32 @@ def test_edm2_learns_log_loss_and_keeps_global_rng():
     assert w.last_weights.shape == (16,)
 
 
+
+@pytest.mark.parametrize("name", ["uniform", "vaw", "seed-cauchy", "seed-standardized", "min-snr", "p2", "edm2"])
+def test_objective_with_importance_weights(name):
+    """One interface for every weighting: without importance weights ``objective`` is the plain
+    call; with them each sample's weighted term is scaled by its importance weight, bitwise as
+    the trainer computed it before (the weighting's statistics see the raw terms)."""
+    kw = {"num_bins": 4, "logsnr_range": (-4.0, 4.0), "min_count": 1, "backend": "reference"} if name == "vaw" else {}
+    g = torch.Generator().manual_seed(0)
+    loss, mse = torch.rand(6, generator=g) + 0.1, torch.rand(6, generator=g) + 0.1
+    lam = torch.linspace(-3.0, 3.0, 6)
+    t = LossTerms(loss, mse, torch.exp(lam))
+    is_weight = torch.rand(6, generator=g) + 0.5
+    plain, weighted = make_weighting(name, **kw), make_weighting(name, **kw)
+    assert torch.equal(plain.objective(t, lam), make_weighting(name, **kw)(t, lam))
+    out = weighted.objective(t, lam, is_weight)
+    if name == "edm2":
+        u = weighted.logvar(lam)
+        expected = (is_weight * (loss / torch.exp(u) + u)).mean()
+    else:
+        term = mse if name in ("min-snr", "p2") else loss
+        expected = (weighted.last_weights * is_weight * term).mean()
+    assert torch.equal(out, expected)
+    assert torch.equal(weighted.last_weights, plain.last_weights)  # same statistics, same weights
+    assert (weighted.bin_weights() is not None) == (name == "vaw")
+
+
 # ---------------------------------------------------------------------------- U-Net
 @pytest.mark.parametrize("embedding", ["fourier", "positional"])
 def test_unet_tiny_shape_determinism_zero_init(embedding):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from varweight_kernels.training.config import TrainConfig
-from varweight_kernels.training.trainer import NONFINITE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="digits", channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(),
@@ -34,8 +33,6 @@ def one_thread():
 
 
 def subprocess_env(**extra) -> dict:
-    """The environment of a trainer subprocess: one thread, this checkout importable, no test fault hooks."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop(NONFINITE_ENV, None)
-    env.update(extra)
-    return env
+    """The environment of a trainer subprocess: one thread, this checkout importable."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                **extra)

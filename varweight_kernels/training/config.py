@@ -16,10 +16,10 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["TrainConfig", "ConfigError", "PRESETS", "WEIGHTINGS", "DATASETS", "FORMULATIONS",
-           "NOISE_SAMPLINGS", "SAMPLERS", "RESUME_MUTABLE", "build_parser", "config_from_args",
+__all__ = ["TrainConfig", "ConfigError", "TrainError", "PRESETS", "WEIGHTINGS", "DATASETS", "FORMULATIONS",
+           "NOISE_SAMPLINGS", "SAMPLERS", "RESUME_MUTABLE", "build_parser", "explicit_flags", "resolve_config",
            "config_diff"]
 
 WEIGHTINGS = ("uniform", "vaw", "seed-cauchy", "seed-standardized", "min-snr", "p2", "edm2")
@@ -32,6 +32,10 @@ VAW_BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
 
 class ConfigError(ValueError):
     """A bad setting; the message is one line, fit for the CLI."""
+
+
+class TrainError(RuntimeError):
+    """A user-facing failure at run time; the CLI prints it as one line and exits non-zero."""
 
 
 @dataclass
@@ -270,9 +274,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "digits-smoke": dict(_DIGITS_COMMON, channels=16, steps=20, batch_size=32, lr=1e-3, ema_decay=0.9,
                          log_every=5, ckpt_every=10, sample_steps=6, grid_size=16, num_samples=16,
                          fid_every=0, fid_samples=64),
-    # Sized so 3 weightings x 3 seeds finish in about an hour on 2 CPU cores: ~0.2 s/step and ~25 s
-    # per 500-sample digits FD on one thread, so ~8 min a run; run two at a time with
-    # OMP_NUM_THREADS=1 each (tiny models scale badly across threads).
+    # Sized so 3 weightings x 3 seeds finish in about an hour on 2 CPU cores, two runs at a time
+    # with OMP_NUM_THREADS=1 each (tiny models scale badly across threads); step times are in
+    # benchmarks/RESULTS.md.
     "digits-cpu": dict(_DIGITS_COMMON, channels=32, steps=2000, batch_size=64, lr=1e-3, ema_decay=0.995,
                        log_every=50, ckpt_every=500, fid_every=500, fid_samples=500, sample_every=500),
 }
@@ -359,9 +363,3 @@ def resolve_config(flags: Dict[str, Any], base: Optional[TrainConfig] = None) ->
         cfg = cfg.replace(dict(PRESETS[preset], preset=preset))
     return cfg.replace(flags)
 
-
-def config_from_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None):
-    """Parse ``argv``; return ``(config, explicit_flags)`` (the config not yet validated)."""
-    args = build_parser(prog).parse_args(argv)
-    flags = explicit_flags(args)
-    return resolve_config(flags), flags

@@ -2,10 +2,11 @@
 
 Every source of randomness in training has its own ``torch.Generator``, seeded from
 ``derive_seed(seed, stream, rank)`` (a SHA-256 hash, stable across processes and Python
-versions, unlike ``hash()``). Streams: "init" (parameter init, via the global RNG), "data"
-(shuffling, flips), "noise" (levels and noise), "sample" (sampling for evaluation),
-"weighting" (any randomness a weighting needs). A consumer never draws from another stream,
-so changing, e.g., the weighting cannot shift the noise a run sees.
+versions, unlike ``hash()``). Streams (``STREAMS``, the trainer's): "init" (parameter init,
+via the global RNG), "data" (shuffling, flips), "levels" (noise levels), "noise" (the Gaussian
+noise), "sample" (sampling for evaluation), "weighting" (any randomness a weighting needs). A
+consumer never draws from another stream, so changing, e.g., the weighting cannot shift the
+noise a run sees.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from typing import Dict, Mapping, Union
 
 import torch
 
-__all__ = ["STREAMS", "derive_seed", "make_generators", "get_rng_states", "set_rng_states", "seed_global"]
+__all__ = ["STREAMS", "derive_seed", "make_generators", "get_rng_states", "set_rng_states"]
 
-STREAMS = ("init", "data", "noise", "sample", "weighting")
+STREAMS = ("init", "data", "levels", "noise", "sample", "weighting")
 
 
 def derive_seed(seed: int, stream: str, rank: int = 0) -> int:
@@ -38,13 +39,6 @@ def make_generators(seed: int, rank: int = 0, device: Union[str, torch.device] =
         g.manual_seed(derive_seed(seed, name, rank))
         gens[name] = g
     return gens
-
-
-def seed_global(seed: int, rank: int = 0) -> int:
-    """Seed the global torch RNG (CPU and CUDA) from the "init" stream; returns the seed."""
-    s = derive_seed(seed, "init", rank)
-    torch.manual_seed(s)
-    return s
 
 
 def get_rng_states(generators: Mapping[str, torch.Generator]) -> Dict[str, torch.Tensor]:

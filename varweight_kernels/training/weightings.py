@@ -1,9 +1,12 @@
 """Loss weightings: ``make_weighting(name, cfg=None, **kw) -> Weighting`` (an ``nn.Module``).
 
-Every weighting is called the same way, ``weighting(terms, lam) -> scalar`` with ``terms`` a
+Every weighting is called the same way, ``weighting.objective(terms, lam, is_weight=None) ->
+scalar`` (``weighting(terms, lam)`` is the same without importance weights) with ``terms`` a
 ``LossTerms(loss, mse, snr)`` of (B,) tensors and ``lam`` the (B,) log-SNR, and returns the
-batch mean of its weighted per-sample loss. ``last_weights`` holds the (B,) detached weights of
-the last call (for edm2: ``exp(-u(lam))``).
+batch mean of its weighted per-sample term; ``is_weight`` (B,), from importance-sampled noise
+levels, multiplies each sample's weighted term, while the weighting's own statistics (VAW's)
+see the raw terms. ``last_weights`` holds the (B,) detached weights of the last call (for
+edm2: ``exp(-u(lam))``); ``bin_weights()`` the per-bin weight table (vaw) or None.
 
 | name | per-sample term | weight |
 |---|---|---|
@@ -66,26 +69,40 @@ def _check_target(target: str) -> str:
 
 
 class Weighting(nn.Module):
-    """Base class: ``forward(terms, lam) -> scalar``; ``last_weights`` (B,) detached or None."""
+    """Base class: ``sample_weights(terms, lam)`` gives the detached (B,) weights of the per-sample
+    term named by ``term`` ("loss" or "mse"); ``objective`` is their weighted mean."""
 
     name = "base"
+    term = "loss"
 
     def __init__(self) -> None:
         super().__init__()
         self.last_weights: Optional[torch.Tensor] = None
 
-    def _weighted_mean(self, values: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        w = w.detach().to(values.dtype)
+    def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def objective(self, terms, lam: torch.Tensor, is_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        values = getattr(terms, self.term)
+        w = self.sample_weights(terms, lam).detach().to(values.dtype)
         self.last_weights = w
+        if is_weight is not None:
+            w = w * is_weight.to(values.dtype)
         return (w * values).mean()
+
+    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        return self.objective(terms, lam)
+
+    def bin_weights(self) -> Optional[torch.Tensor]:
+        """The per-log-SNR-bin weight table, for weightings that keep one (logged to binstats)."""
+        return None
 
 
 class UniformWeighting(Weighting):
     name = "uniform"
 
-    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
-        self.last_weights = torch.ones_like(terms.loss).detach()
-        return terms.loss.mean()
+    def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(terms.loss)  # w * loss == loss exactly, so the mean is loss.mean()
 
 
 class VAWWeighting(Weighting):
@@ -97,10 +114,18 @@ class VAWWeighting(Weighting):
         super().__init__()
         self.vaw = VarianceAwareWeighting(**vaw_kwargs)
 
-    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+    def objective(self, terms, lam: torch.Tensor, is_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # The library step updates the statistics and returns the weighted mean (its own
+        # backward); with importance weights only its weights are used.
         out = self.vaw(terms.loss, lam.detach().to(terms.loss.device))
         self.last_weights = self.vaw.last_weights
-        return out
+        if is_weight is None:
+            return out
+        dtype = terms.loss.dtype
+        return (self.last_weights.to(dtype) * is_weight.to(dtype) * terms.loss).mean()
+
+    def bin_weights(self) -> torch.Tensor:
+        return self.vaw.weight
 
 
 class SeedCauchyWeighting(Weighting):
@@ -114,10 +139,9 @@ class SeedCauchyWeighting(Weighting):
             raise ValueError(f"alpha must be >= 0, got {alpha!r}")
         self.alpha = float(alpha)
 
-    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+    def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
         lam = _hp(lam).to(terms.loss.device)
-        w = 1.0 / (1.0 + self.alpha * (lam - lam.mean()) ** 2)
-        return self._weighted_mean(terms.loss, w)
+        return 1.0 / (1.0 + self.alpha * (lam - lam.mean()) ** 2)
 
 
 class SeedStandardizedWeighting(Weighting):
@@ -132,7 +156,7 @@ class SeedStandardizedWeighting(Weighting):
         self.alpha = float(alpha)
         self.min_weight = None if min_weight is None else float(min_weight)
 
-    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+    def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
         l = _hp(terms.loss)
         if l.numel() < 2:
             w = torch.ones_like(l)
@@ -144,13 +168,14 @@ class SeedStandardizedWeighting(Weighting):
             w = torch.where(ok, 1.0 + self.alpha * (l - mu) / safe, torch.ones_like(l))
         if self.min_weight is not None:
             w = w.clamp_min(self.min_weight)
-        return self._weighted_mean(terms.loss, w)
+        return w
 
 
 class MinSNRWeighting(Weighting):
     """Min-SNR-gamma (Hang et al. 2023) on the plain target MSE ``terms.mse``."""
 
     name = "min-snr"
+    term = "mse"
 
     def __init__(self, target: str = "eps", gamma: float = 5.0) -> None:
         super().__init__()
@@ -168,14 +193,15 @@ class MinSNRWeighting(Weighting):
             return clipped
         return clipped / (snr + 1.0)
 
-    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
-        return self._weighted_mean(terms.mse, self.weights(terms.snr.to(terms.mse.device)))
+    def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        return self.weights(terms.snr.to(terms.mse.device))
 
 
 class P2Weighting(Weighting):
     """P2 (Choi et al. 2022): ``1/(k + SNR)^gamma`` on the eps MSE (converted for x0/v targets)."""
 
     name = "p2"
+    term = "mse"
 
     def __init__(self, target: str = "eps", k: float = 1.0, gamma: float = 1.0) -> None:
         super().__init__()
@@ -192,8 +218,8 @@ class P2Weighting(Weighting):
             w = w * snr / (snr + 1.0)
         return w
 
-    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
-        return self._weighted_mean(terms.mse, self.weights(terms.snr.to(terms.mse.device)))
+    def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        return self.weights(terms.snr.to(terms.mse.device))
 
 
 class EDM2Weighting(Weighting):
@@ -221,10 +247,12 @@ class EDM2Weighting(Weighting):
         feats = self.features(lam.to(self.freqs.device))
         return (feats @ self.weight.t() + self.bias).reshape(-1)
 
-    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+    def objective(self, terms, lam: torch.Tensor, is_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         u = self.logvar(lam).to(terms.loss.device)
         self.last_weights = torch.exp(-u).detach()
-        return (terms.loss / torch.exp(u).to(terms.loss.dtype) + u.to(terms.loss.dtype)).mean()
+        if is_weight is None:
+            return (terms.loss / torch.exp(u).to(terms.loss.dtype) + u.to(terms.loss.dtype)).mean()
+        return (is_weight * (terms.loss / torch.exp(u) + u)).mean()
 
 
 WEIGHTINGS = {

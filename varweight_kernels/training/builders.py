@@ -1,0 +1,105 @@
+"""The pieces of a training run, built from a ``TrainConfig``: data, U-Net, weighting, noise
+sampler, optimiser, EMA and the autocast context. Each draws only from the RNG stream it is
+given (``rng.py``), so runs that differ in one piece share everything else."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable, List
+
+import torch
+
+from .config import TrainConfig, TrainError
+from .rng import derive_seed
+
+__all__ = ["load_data", "build_model", "build_weighting", "build_noise_sampler", "build_batches", "build_optimizer",
+           "EMA", "autocast_context"]
+
+
+def load_data(cfg: TrainConfig) -> torch.Tensor:
+    """The training images, uint8 NCHW."""
+    from .data import DatasetUnavailable, load_dataset
+    try:
+        images, _ = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    except DatasetUnavailable as exc:
+        raise TrainError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot load dataset {cfg.dataset} from {cfg.data_root}: {exc}") from None
+    return images
+
+
+def build_model(cfg: TrainConfig, in_channels: int, image_size: int, formulation) -> torch.nn.Module:
+    """The U-Net, initialised from the "init" stream (rank 0's on every rank; global RNG restored)."""
+    from .unet import UNet
+    embedding = formulation.recommended_embedding if cfg.embedding == "auto" else cfg.embedding
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "init", 0))
+        try:
+            return UNet(in_channels, image_size, base_channels=cfg.channels, channel_mults=cfg.channel_mults,
+                        num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions,
+                        dropout=cfg.dropout, embedding=embedding)
+        except ValueError as exc:
+            raise TrainError(f"bad model size: {exc}") from None
+
+
+def build_weighting(cfg: TrainConfig, formulation, generator: torch.Generator) -> torch.nn.Module:
+    """The weighting ``cfg.weighting`` with its flags; ``generator`` is the "weighting" stream."""
+    from .weightings import make_weighting
+    name = cfg.weighting
+    if name == "vaw":
+        return make_weighting("vaw", cfg.vaw_kwargs())
+    if name in ("seed-cauchy", "seed-standardized"):
+        return make_weighting(name, **({} if cfg.alpha < 0 else {"alpha": cfg.alpha}))
+    if name == "min-snr":
+        return make_weighting(name, target=formulation.target, gamma=cfg.gamma)
+    if name == "p2":
+        return make_weighting(name, target=formulation.target, k=cfg.p2_k, gamma=cfg.p2_gamma)
+    if name == "edm2":
+        return make_weighting(name, channels=cfg.edm2_channels, generator=generator)
+    return make_weighting(name)
+
+
+def build_noise_sampler(cfg: TrainConfig, formulation):
+    from .noise_sampling import make_noise_sampler
+    if cfg.noise_sampling == "default":
+        return make_noise_sampler("default", formulation)
+    return make_noise_sampler("vaw-is", formulation, num_bins=cfg.vaw_bins, logsnr_range=tuple(cfg.vaw_logsnr_range),
+                              mix=cfg.is_mix, statistic=cfg.is_statistic, power=cfg.is_power,
+                              include_weight=(cfg.weighting == "vaw"), min_count=cfg.vaw_min_count,
+                              warmup_samples=None if cfg.is_warmup < 0 else cfg.is_warmup)
+
+
+def build_batches(cfg: TrainConfig, images: torch.Tensor, batch_size: int, generator: torch.Generator):
+    """This rank's batch stream (shuffle and flips from the "data" stream)."""
+    from .data import BatchIterator
+    try:
+        return BatchIterator(images, batch_size, generator, hflip=cfg.flip)
+    except ValueError as exc:
+        raise TrainError(f"--batch-size: {exc}") from None
+
+
+def build_optimizer(cfg: TrainConfig, params: List[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def autocast_context(cfg: TrainConfig, device: torch.device) -> Callable:
+    """A context factory: bf16 autocast for --amp bf16 (or auto on CUDA), else a no-op."""
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (buffers copied)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = float(decay)
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        ema_p = list(self.module.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)

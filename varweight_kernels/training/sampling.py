@@ -1,0 +1,227 @@
+"""Images from the EMA model: generation (one rank or all), PNG grids, the per-sample loss
+dump, the evaluation during training (grids, FID), and ``--sample-only``.
+
+Sampler noise comes from the "sample" stream, re-created at every evaluation, so every
+evaluation of every run with the same seed draws the same noise.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .builders import autocast_context, build_model
+from .config import TrainConfig, TrainError
+from .distributed import DistInfo, broadcast_object, resolve_device
+from .rng import derive_seed
+from .run_dir import checkpoint_dir, say, warn
+
+__all__ = ["to_uint8", "generate", "generate_distributed", "save_grid", "save_persample", "make_scorer",
+           "Evaluation", "sample_only"]
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def generate(cfg: TrainConfig, formulation, net: torch.nn.Module, n: int, shape, device: torch.device,
+             generator: torch.Generator, batch: int = 256, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """``n`` samples from ``net`` (the EMA weights) as uint8 (n, C, H, W) on the CPU."""
+    from . import samplers
+    sampler = cfg.resolved_sampler()
+    out = []
+    net.eval()
+    for start in range(0, n, batch):
+        b = min(batch, n - start)
+        shp = (b,) + tuple(shape)
+
+        def den(x, level):
+            with autocast():
+                return formulation.denoise(net, x, level).float()
+
+        if sampler == "heun":
+            x = samplers.heun_karras(den, shp, generator, steps=cfg.sample_steps, sigma_min=cfg.sigma_min,
+                                     sigma_max=cfg.sigma_max, rho=cfg.rho, device=device)
+        elif sampler == "ddpm":
+            x = samplers.ddpm_ancestral(den, shp, generator, formulation.alphas_cumprod, steps=cfg.sample_steps,
+                                        device=device)
+        else:
+            x = samplers.ddim(den, shp, generator, formulation.alphas_cumprod, steps=cfg.sample_steps, device=device)
+        out.append(to_uint8(x).cpu())
+    return torch.cat(out)
+
+
+def generate_distributed(cfg, formulation, net, n, shape, device, d: DistInfo, autocast) -> Optional[torch.Tensor]:
+    """Every rank draws its share with its own "sample" stream; rank 0 gets all ``n`` images."""
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", d.rank))
+    share = -(-n // d.world)
+    imgs = generate(cfg, formulation, net, share, shape, device, g, autocast=autocast)
+    if d.world == 1:
+        return imgs[:n]
+    t = imgs.to(device) if dist.get_backend() == "nccl" else imgs
+    parts = [torch.empty_like(t) for _ in range(d.world)]
+    dist.all_gather(parts, t)
+    return torch.cat([p.cpu() for p in parts])[:n] if d.main else None
+
+
+def save_grid(images: torch.Tensor, path: str) -> None:
+    """A square PNG grid of uint8 (N, C, H, W) images (upscaled to >= 32 px), written atomically."""
+    n, c, h, w = images.shape
+    cols = max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / cols))
+    scale = max(1, 32 // max(h, w))
+    pad = 1
+    grid = torch.zeros(c, rows * (h * scale + pad) + pad, cols * (w * scale + pad) + pad, dtype=torch.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        img = images[i].repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+        y, x = pad + r * (h * scale + pad), pad + k * (w * scale + pad)
+        grid[:, y:y + h * scale, x:x + w * scale] = img
+    arr = grid.permute(1, 2, 0).numpy()
+    if c == 1:
+        arr = arr[:, :, 0]
+    buf = io.BytesIO()
+    try:
+        from PIL import Image
+        Image.fromarray(arr).save(buf, format="PNG")
+    except ImportError:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        plt.imsave(buf, arr, format="png", cmap="gray" if c == 1 else None)
+    ckpt.atomic_write_bytes(path, buf.getbuffer())
+
+
+def save_persample(cfg: TrainConfig, formulation, net: torch.nn.Module, images: torch.Tensor,
+                   device: torch.device, autocast, path: str) -> None:
+    """The paper's variance analysis: unweighted per-sample losses of the trained (EMA) model on
+    ``cfg.analysis_batches`` batches at the default noise levels, from a stream of its own."""
+    from .data import to_model_range
+
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "analysis", 0))
+    lams, losses = [], []
+    net.eval()
+    with torch.no_grad():
+        for _ in range(cfg.analysis_batches):
+            idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
+            x0 = to_model_range(images[idx]).to(device)
+            level = formulation.sample_levels(cfg.batch_size, g, device)
+            noise = torch.randn(x0.shape, generator=g).to(device)
+            with autocast():
+                terms = formulation.loss(net, x0, level, noise)
+            lams.append(formulation.logsnr(level).float().cpu())
+            losses.append(terms.loss.detach().float().cpu())
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, lam=torch.cat(lams).numpy(), loss=torch.cat(losses).numpy())
+    os.replace(tmp, path)
+
+
+def make_scorer(cfg: TrainConfig, d: DistInfo):
+    """FIDEvaluator on rank 0 if importable and usable (a stand-in on the other ranks), or None;
+    the verdict is shared with every rank."""
+    scorer, ok = None, False
+    if d.main:
+        try:
+            from ..evaluation.fid import FIDEvaluator
+            cache = None if os.environ.get("VARWEIGHT_CACHE") else os.path.join(cfg.data_root, "varweight_cache")
+            scorer = FIDEvaluator(cfg.dataset, weights_path=cfg.fid_weights or None, num_samples=cfg.fid_samples,
+                                  cache_dir=cache, datasets_root=cfg.data_root, download=cfg.download)
+            ok = scorer.available()
+        except ImportError as exc:
+            warn(f"warning: FID disabled (evaluation module not importable: {exc})")
+        except Exception as exc:  # the evaluator should warn itself; never let FID kill training
+            warn(f"warning: FID disabled ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    if not broadcast_object(ok, d):
+        return None
+    return scorer if d.main else _RemoteScorer()
+
+
+class _RemoteScorer:
+    """Stand-in on ranks > 0: they generate their share of samples; rank 0 scores."""
+
+    def score(self, images):
+        return None
+
+
+class Evaluation:
+    """The EMA model during training: a grid every --sample-every steps, FID (or the digits
+    metric) every --fid-every steps, and at the end a grid and the per-sample analysis."""
+
+    def __init__(self, cfg: TrainConfig, formulation, shape, device: torch.device, d: DistInfo, autocast) -> None:
+        self.cfg, self.formulation, self.shape, self.device, self.d = cfg, formulation, tuple(shape), device, d
+        self.autocast = autocast
+        self.scorer = make_scorer(cfg, d) if cfg.fid_every > 0 else None
+
+    def due(self, step: int) -> bool:
+        cfg = self.cfg
+        return bool((cfg.fid_every and step % cfg.fid_every == 0) or (cfg.sample_every and step % cfg.sample_every == 0))
+
+    def __call__(self, step: int, net: torch.nn.Module, record: Dict[str, Any]) -> None:
+        """Run on every rank (they share the FID samples); scores go into ``record``."""
+        cfg = self.cfg
+        if cfg.sample_every and step % cfg.sample_every == 0 and self.d.main:
+            self.save_grid(step, net)
+        if self.scorer is not None and step % cfg.fid_every == 0:
+            imgs = generate_distributed(cfg, self.formulation, net, cfg.fid_samples, self.shape, self.device, self.d,
+                                        self.autocast)
+            if self.d.main:
+                scores = self.scorer.score(imgs)
+                if scores:
+                    record.update({k: float(v) for k, v in scores.items()})
+
+    def save_grid(self, step: int, net: torch.nn.Module) -> None:
+        cfg = self.cfg
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", 0))
+        grid = generate(cfg, self.formulation, net, cfg.grid_size, self.shape, self.device, g, autocast=self.autocast)
+        save_grid(grid, os.path.join(cfg.out, f"samples_step{step:08d}.png"))
+
+    def finish(self, step: int, net: torch.nn.Module, images: torch.Tensor) -> None:
+        """Rank 0, after the last step: the final grid and persample.npz."""
+        self.save_grid(step, net)
+        if self.cfg.analysis_batches:
+            save_persample(self.cfg, self.formulation, net, images, self.device, self.autocast,
+                           os.path.join(self.cfg.out, "persample.npz"))
+
+
+def sample_only(cfg: TrainConfig) -> str:
+    """Write ``samples.npz`` (key "images", uint8 NHWC) and ``samples.png`` from the EMA weights of
+    the latest good checkpoint in ``cfg.out``. Returns the npz path."""
+    from .formulations import make_formulation
+    d = DistInfo()
+    if not d.main:
+        return ""
+    cfg = cfg.validate()
+    out = cfg.out
+    path, state = ckpt.load_latest_good(checkpoint_dir(out), warn=warn, quarantine=False)
+    run_cfg = TrainConfig.from_dict(state.get("config", {})).replace(
+        {k: getattr(cfg, k) for k in ("device", "sampler", "sample_steps", "rho", "num_samples", "amp")})
+    device = resolve_device(run_cfg, d)
+    formulation = make_formulation(run_cfg.formulation, **run_cfg.formulation_kwargs())
+    try:
+        in_ch, size, _ = (int(v) for v in state["image_shape"])
+    except (KeyError, TypeError, ValueError):
+        raise TrainError(f"checkpoint {path} lacks the image shape") from None
+    net = build_model(run_cfg, in_ch, size, formulation)
+    try:
+        net.load_state_dict(state["ema"])
+    except RuntimeError as exc:
+        raise TrainError(f"checkpoint {path} does not fit its config: {str(exc).splitlines()[0]}") from None
+    net = net.to(device).eval()
+    g = torch.Generator().manual_seed(derive_seed(run_cfg.seed, "sample", 0))
+    imgs = generate(run_cfg, formulation, net, cfg.num_samples, (in_ch, size, size), device, g,
+                    autocast=autocast_context(run_cfg, device))
+    npz = os.path.join(out, "samples.npz")
+    buf = io.BytesIO()
+    np.savez(buf, images=imgs.permute(0, 2, 3, 1).contiguous().numpy())
+    ckpt.atomic_write_bytes(npz, buf.getbuffer())
+    save_grid(imgs[: max(1, min(len(imgs), cfg.grid_size))], os.path.join(out, "samples.png"))
+    say(f"wrote {len(imgs)} samples from {path} (EMA, step {state['step']}) to {npz}", cfg.quiet)
+    return npz

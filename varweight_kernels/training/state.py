@@ -1,0 +1,115 @@
+"""The training state: what a checkpoint holds, and how ``--resume`` puts it back.
+
+``checkpoint.py`` writes and verifies the file; its payload is the plain dict
+
+    {"version": STATE_VERSION, "step", "config", "model", "ema", "optimizer", "weighting",
+     "observer", "noise_sampler", "ranks", "world_size", "image_shape", "log_accum",
+     "counters": {"skipped_steps", "consecutive_nonfinite"}}
+
+with ``ranks`` one entry a rank (its RNG streams, data position, global and CUDA RNG states),
+so a resume on the same world size continues bitwise. ``STATE_VERSION`` changes when this
+layout does; a checkpoint of another version is refused with a clear error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from . import checkpoint as ckpt
+from .builders import EMA
+from .config import TrainConfig, TrainError, config_diff
+from .distributed import DistInfo, all_gather_objects
+from .rng import derive_seed, get_rng_states, set_rng_states
+from .run_dir import checkpoint_dir, new_accumulator, warn
+
+__all__ = ["STATE_VERSION", "TrainState"]
+
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Everything a training step changes. ``model`` is the bare module (not compiled, not DDP)."""
+
+    model: torch.nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    weighting: torch.nn.Module
+    observer: torch.nn.Module
+    noise_sampler: Any
+    generators: Dict[str, torch.Generator]
+    batches: Any
+    step: int = 0
+    skipped: int = 0       # non-finite steps skipped so far
+    consecutive: int = 0   # of them in a row, up to this step
+    log_accum: Dict[str, Any] = field(default_factory=new_accumulator)
+
+    def save(self, out: str, run_config: Dict[str, Any], image_shape: Tuple[int, ...], d: DistInfo,
+             device: torch.device, keep: int) -> str:
+        """Write ``checkpoints/ckpt_<step>.pt`` (collective: every rank calls it); returns its path."""
+        cuda = device.type == "cuda"
+        rank_state = {"rng": get_rng_states(self.generators), "data": self.batches.state_dict(),
+                      "global_rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state(device) if cuda else torch.empty(0, dtype=torch.uint8)}
+        ranks = all_gather_objects(rank_state, d)
+        path = ckpt.checkpoint_path(checkpoint_dir(out), self.step)
+        if d.main:
+            state = {"version": STATE_VERSION, "step": self.step, "config": run_config,
+                     "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "weighting": self.weighting.state_dict(),
+                     "observer": self.observer.state_dict(), "noise_sampler": self.noise_sampler.state_dict(),
+                     "ranks": ranks, "world_size": d.world, "image_shape": list(image_shape),
+                     "log_accum": dict(self.log_accum),
+                     "counters": {"skipped_steps": self.skipped, "consecutive_nonfinite": self.consecutive}}
+            ckpt.save_checkpoint(state, path)
+            ckpt.prune_checkpoints(checkpoint_dir(out), keep)
+        d.barrier()
+        return path
+
+    def resume(self, cfg: TrainConfig, d: DistInfo, device: torch.device) -> Tuple[str, TrainConfig]:
+        """Load the latest good checkpoint of ``cfg.out`` (a bad newest one is quarantined);
+        returns its path and the config it was saved with."""
+        folder = checkpoint_dir(cfg.out)
+        if d.main:
+            ckpt.clean_temp_files(folder)  # a save killed half-way leaves one
+        d.barrier()
+        path, state = ckpt.load_latest_good(folder, warn=warn if d.main else (lambda m: None), quarantine=d.main)
+        if state.get("version") != STATE_VERSION:
+            raise TrainError(f"checkpoint {path} holds training state version {state.get('version')!r}; "
+                             f"this build resumes version {STATE_VERSION}")
+        saved = TrainConfig.from_dict(state.get("config", {}))
+        diffs = config_diff(saved, cfg)
+        if diffs:
+            raise TrainError(f"cannot resume from {path}: the config differs in " + "; ".join(diffs))
+        try:
+            self._load(state, d, device, cfg.seed)
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise TrainError(f"checkpoint {path} does not fit this run: {str(exc).splitlines()[0]}") from None
+        return path, saved
+
+    def _load(self, state: Dict[str, Any], d: DistInfo, device: torch.device, seed: int) -> None:
+        self.model.load_state_dict(state["model"])
+        self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.weighting.load_state_dict(state["weighting"])
+        self.observer.load_state_dict(state["observer"])
+        self.noise_sampler.load_state_dict(state["noise_sampler"])
+        ranks: List[Dict[str, Any]] = state["ranks"]
+        if len(ranks) == d.world:
+            mine = ranks[d.rank]
+            set_rng_states(self.generators, mine["rng"])
+            self.batches.load_state_dict(mine["data"])
+            torch.set_rng_state(mine["global_rng"])
+            if device.type == "cuda" and mine.get("cuda_rng") is not None and mine["cuda_rng"].numel():
+                torch.cuda.set_rng_state(mine["cuda_rng"], device)
+        else:
+            warn(f"warning: world size changed from {len(ranks)} to {d.world}; data order and noise "
+                 "streams restart from re-derived seeds (the run continues, not bitwise as before)")
+            for name, g in self.generators.items():
+                g.manual_seed(derive_seed(seed, f"{name}@{state['step']}", d.rank))
+        self.step = int(state["step"])
+        self.skipped = int(state["counters"]["skipped_steps"])
+        self.consecutive = int(state["counters"]["consecutive_nonfinite"])
+        self.log_accum = dict(state["log_accum"])
