@@ -4,9 +4,9 @@
     python benchmarks/overhead.py --device cuda        # GPU: seed-cifar10 recipe, random 32x32x3 data
     python benchmarks/overhead.py --preset digits-smoke --blocks 3 --steps-per-block 2 --out DIR
 
-The step is the body of ``varweight_kernels.training.trainer.train``'s loop, built from the
+The step is the body of ``varweight_kernels.training.loop.train``'s loop, built from the
 trainer's own pieces (``build_model``, ``build_weighting``, ``build_noise_sampler``,
-``weighted_objective``, ``EMA``, ``BatchIterator``): batch, noise levels, noise, the
+``Weighting.objective``, ``EMA``, ``BatchIterator``): batch, noise levels, noise, the
 formulation's per-sample loss (under bf16 autocast on CUDA, as the trainer does), the observer
 (the trainer's unweighted-statistics VAW, present in every run), the weighting's objective,
 backward, gradient clipping, the trainer's one host read of the step's numbers, AdamW and the
@@ -65,7 +65,7 @@ def load_images(cfg, random_data: bool, device: torch.device) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
         return torch.randint(0, 256, (max(4 * cfg.batch_size, 1024), 3, 32, 32), generator=gen,
                              dtype=torch.uint8).to(device)
-    from varweight_kernels.training.trainer import load_data
+    from varweight_kernels.training.builders import load_data
     return load_data(cfg).to(device)
 
 
@@ -73,7 +73,9 @@ class TrainStep:
     """One configuration: the trainer's model, weighting, observer, optimiser, EMA and data."""
 
     def __init__(self, label: str, cfg, images: torch.Tensor, device: torch.device) -> None:
-        from varweight_kernels.training import trainer as T
+        from varweight_kernels.training import builders as T
+        from varweight_kernels.training.rng import STREAMS
+        from varweight_kernels.training.weightings import VAWWeighting
         from varweight_kernels.training.data import BatchIterator
         from varweight_kernels.training.formulations import make_formulation
         from varweight_kernels.training.rng import derive_seed, make_generators
@@ -81,7 +83,7 @@ class TrainStep:
         self.label, self.cfg, self.device = label, cfg, device
         self.cuda = device.type == "cuda"
         self.formulation = make_formulation(cfg.formulation, **cfg.formulation_kwargs())
-        self.gens = make_generators(cfg.seed, 0, "cpu", streams=T.RNG_STREAMS)
+        self.gens = make_generators(cfg.seed, 0, "cpu", streams=STREAMS)
         shape = tuple(images.shape[1:])
         self.model = T.build_model(cfg, shape[0], shape[1], self.formulation).to(device)
         if self.cuda:
@@ -98,12 +100,10 @@ class TrainStep:
         use_bf16 = cfg.amp == "bf16" or (cfg.amp == "auto" and self.cuda)
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 \
             else contextlib.nullcontext
-        self.weighted_objective = T.weighted_objective
         self.model.train()
         self.weighting.train()
         self.observer.train()
-        vaw = getattr(self.weighting, "vaw", None)
-        self.backend = vaw.resolved_backend(device) if vaw is not None else "-"
+        self.backend = self.weighting.vaw.resolved_backend(device) if isinstance(self.weighting, VAWWeighting) else "-"
         self.observer_backend = self.observer.resolved_backend(device)
         self.observer_s: List[float] = []
         self.weighting_s: List[float] = []
@@ -122,8 +122,7 @@ class TrainStep:
         t0 = time.perf_counter()
         self.observer(terms.loss.detach().float(), lam)
         t1 = time.perf_counter()
-        loss = self.weighted_objective(cfg, self.weighting, terms, lam,
-                                       is_weight if cfg.noise_sampling != "default" else None)
+        loss = self.weighting.objective(terms, lam, is_weight if cfg.noise_sampling != "default" else None)
         if not self.cuda:  # host clock is device time on CPU; on CUDA these calls only launch kernels
             self.observer_s.append(t1 - t0)
             self.weighting_s.append(time.perf_counter() - t1)

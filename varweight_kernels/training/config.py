@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..backends.registry import BACKEND_NAMES
+
 __all__ = ["TrainConfig", "ConfigError", "TrainError", "PRESETS", "WEIGHTINGS", "DATASETS", "FORMULATIONS",
            "NOISE_SAMPLINGS", "SAMPLERS", "RESUME_MUTABLE", "build_parser", "explicit_flags", "resolve_config",
            "config_diff"]
@@ -27,7 +29,7 @@ DATASETS = ("cifar10", "cifar100", "digits")
 FORMULATIONS = ("edm", "ddpm")
 NOISE_SAMPLINGS = ("default", "vaw-is")
 SAMPLERS = ("auto", "heun", "ddpm", "ddim")
-VAW_BACKENDS = ("auto", "reference", "triton", "cpp", "cuda")
+VAW_BACKENDS = ("auto",) + BACKEND_NAMES
 
 
 class ConfigError(ValueError):

@@ -11,7 +11,3 @@ from .rng import STREAMS as RNG_STREAMS  # noqa: F401
 from .run_dir import TIMING_FIELDS  # noqa: F401
 from .sampling import sample_only  # noqa: F401
 
-
-def weighted_objective(cfg, weighting, terms, lam, is_weight):
-    """Old name, kept for benchmarks/overhead.py: ``weighting.objective(terms, lam, is_weight)``."""
-    return weighting.objective(terms, lam, is_weight)
