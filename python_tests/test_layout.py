@@ -122,3 +122,22 @@ def test_registry_is_a_leaf_and_no_backend_module_is_imported_by_name():
     for backend in ("triton", "compiled"):
         importers = {name for name, targets in graph.items() if f"{PACKAGE}.backends.{backend}" in targets}
         assert importers <= allowed, importers
+
+
+# One kernel's natural unit may run longer (the Triton backend's kernels live with their launchers).
+LONG_FILES_ALLOWED = {f"{PACKAGE}.backends.triton"}
+MAX_LINES = 500
+
+
+def test_no_package_file_is_over_the_line_budget():
+    long = {name: n for name, path in package_modules().items()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES and name not in LONG_FILES_ALLOWED}
+    assert not long, long
+
+
+def test_the_training_loop_reads_in_about_200_lines():
+    import inspect
+
+    from varweight_kernels.training import loop
+
+    assert len(inspect.getsource(loop.train).splitlines()) <= 200
