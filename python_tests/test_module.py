@@ -244,3 +244,22 @@ def test_dtype_casts_of_a_parent_model_keep_state_dtypes():
     assert torch.equal(model.vaw.weight, weight)
     model.double()
     assert model.vaw.weight.dtype == torch.float32
+
+
+def test_reconfigure_changes_the_next_table_and_keeps_the_statistics():
+    fixed = _warm(VarianceAwareWeighting(num_bins=16, min_count=4, power=-1.0))
+    changed = _warm(VarianceAwareWeighting(num_bins=16, min_count=4, power=-1.0))
+    changed.reconfigure(power=1.0)
+    assert changed.config.power == 1.0 and torch.equal(changed.M, fixed.M)
+    batch = _batch(50)
+    fixed(*batch)
+    changed(*batch)
+    assert torch.equal(changed.M, fixed.M) and torch.equal(changed.C, fixed.C)  # same statistics
+    assert not torch.equal(changed.weight, fixed.weight)  # the table follows the new power
+    expected = VarianceAwareWeighting(num_bins=16, min_count=4, power=1.0)
+    expected.load_state_dict({**fixed.state_dict(), "_extra_state": expected.get_extra_state()})
+    assert changed._params == expected._params
+    with pytest.raises(ValueError, match="num_bins cannot change"):
+        changed.reconfigure(num_bins=8)
+    with pytest.raises(ValueError, match="decay"):
+        changed.reconfigure(decay=2.0)

@@ -1,6 +1,7 @@
 """``VarianceAwareWeighting``: the drop-in ``nn.Module`` of SPEC.md."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -97,6 +98,19 @@ class VarianceAwareWeighting(nn.Module):
             if new.dtype != old.dtype:
                 setattr(self, name, old.to(new.device))
         return self
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Change hyper-parameters mid-training (e.g. anneal ``power``), keeping the statistics.
+
+        Any field but ``num_bins`` and ``logsnr_range`` (they define the bins); validated like
+        the constructor's. The weight table in use was made under the old values: the new ones
+        apply from the next update of the table.
+        """
+        fixed = {"num_bins", "logsnr_range"} & set(changes)
+        if fixed:
+            raise ValueError(f"{', '.join(sorted(fixed))} cannot change: they define the bins of the state")
+        self.config = dataclasses.replace(self.config, **changes)
+        self._params = list(self.config.kernel_params())
 
     # -- introspection ----------------------------------------------------------------------
     @staticmethod

@@ -32,6 +32,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--dry-run", action="store_true", help="print the commands only")
     r.add_argument("--report", action="store_true", help="write the report when all runs are done")
     r.add_argument("--baseline", default="uniform", help="baseline for --report")
+    a = sub.add_parser("ablation", help="the VAW ablation (issue #17): every variant x seeds on digits, resumable",
+                       epilog="Flags after `--` go to every train_cifar.py run.")
+    a.add_argument("--out", required=True, help="experiment folder")
+    a.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    a.add_argument("--variants", nargs="*", default=None, help="a subset of the variants (default: all)")
+    a.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    a.add_argument("--trainer", default=None, help="path of train_cifar.py (default: ./ or the repo root)")
+    a.add_argument("--dry-run", action="store_true", help="print the commands only")
+    a.add_argument("--report", action="store_true", help="write the report when all runs are done")
     p = sub.add_parser("report", help="write EXP/report.md, CSVs and figures")
     p.add_argument("exp", help="experiment folder")
     p.add_argument("--baseline", default="uniform", help="method paired comparisons are made against")
@@ -39,13 +48,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--include-unfinished", action="store_true", help="also use runs without DONE")
     p.add_argument("--out", default=None, help="report path (default EXP/report.md)")
     args = ap.parse_args(own)
-    if args.cmd == "run":
-        from .runner import run_experiment
-
+    if args.cmd in ("run", "ablation"):
         try:
-            res = run_experiment(args.out, args.methods, args.seeds, preset=args.preset, grid=args.grid,
-                                 passthrough=passthrough, trainer=args.trainer, jobs=args.jobs,
-                                 dry_run=args.dry_run)
+            if args.cmd == "run":
+                from .runner import run_experiment
+
+                res = run_experiment(args.out, args.methods, args.seeds, preset=args.preset, grid=args.grid,
+                                     passthrough=passthrough, trainer=args.trainer, jobs=args.jobs,
+                                     dry_run=args.dry_run)
+            else:
+                from .ablation import run_ablation
+
+                res = run_ablation(args.out, args.seeds, jobs=args.jobs, chosen=args.variants,
+                                   passthrough=passthrough, trainer=args.trainer, dry_run=args.dry_run)
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -53,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.report and not args.dry_run and not res["failed"]:
             from .report import build_report
 
-            out = build_report(args.out, baseline=args.baseline)
+            out = build_report(args.out, baseline=getattr(args, "baseline", "uniform"))
             print(f"report: {out['report']}")
         return 1 if res["failed"] else 0
     if passthrough:

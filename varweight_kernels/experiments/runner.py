@@ -168,22 +168,29 @@ def run_experiment(out: str, methods: Sequence[str], seeds: Sequence[int], prese
                    jobs: int = 1, dry_run: bool = False, python: str = sys.executable,
                    stream=sys.stdout) -> Dict[str, List[str]]:
     """Run every planned run that is not done; returns {'done', 'skipped', 'failed'} lists of run dirs."""
+    specs = plan_runs(Path(out), methods, seeds, parse_grid(grid, methods))
+    invocation = {"methods": list(methods), "grid": list(grid)}
+    return run_specs(out, specs, seeds, preset, passthrough, trainer, jobs, dry_run, python, stream, invocation)
+
+
+def run_specs(out: str, specs: Sequence[RunSpec], seeds: Sequence[int], preset: Optional[str],
+              passthrough: Sequence[str], trainer: Optional[str], jobs: int, dry_run: bool, python: str,
+              stream, invocation: Dict) -> Dict[str, List[str]]:
+    """Run the given runs (``jobs`` at a time), recording the plan in ``OUT/experiment.json``."""
     outp = Path(out)
-    axes = parse_grid(grid, methods)
-    specs = plan_runs(outp, methods, seeds, axes)
     trainer_path = find_trainer(trainer)
     passthrough = list(passthrough)
     if passthrough and passthrough[0] == "--":
         passthrough = passthrough[1:]
+    methods = list(dict.fromkeys(s.method for s in specs))
     result = {"done": [], "skipped": [], "failed": []}
     if not dry_run:
         outp.mkdir(parents=True, exist_ok=True)
         _merge_experiment(outp, {
-            "invocation": {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "preset": preset, "methods": list(methods),
-                           "seeds": [int(s) for s in seeds], "grid": list(grid), "passthrough": passthrough,
-                           "trainer": str(trainer_path)},
+            "invocation": {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "preset": preset, **invocation,
+                           "seeds": [int(s) for s in seeds], "passthrough": passthrough, "trainer": str(trainer_path)},
             "variants": {s.label: {"method": s.method, "scoped": s.scoped, "global": s.global_} for s in specs},
-            "preset": preset, "methods": list(methods), "seeds": [int(s) for s in seeds]})
+            "preset": preset, "methods": methods, "seeds": [int(s) for s in seeds]})
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     pending = []

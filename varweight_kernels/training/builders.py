@@ -44,12 +44,18 @@ def build_model(cfg: TrainConfig, in_channels: int, image_size: int, formulation
 
 def build_weighting(cfg: TrainConfig, formulation, generator: torch.Generator) -> torch.nn.Module:
     """The weighting ``cfg.weighting`` with its flags; ``generator`` is the "weighting" stream."""
-    from .weightings import make_weighting
+    from .weightings import SeedCauchyWeighting, make_weighting
     name = cfg.weighting
+    alpha = {} if cfg.alpha < 0 else {"alpha": cfg.alpha}
     if name == "vaw":
-        return make_weighting("vaw", cfg.vaw_kwargs())
-    if name in ("seed-cauchy", "seed-standardized"):
-        return make_weighting(name, **({} if cfg.alpha < 0 else {"alpha": cfg.alpha}))
+        variants = dict(power_end=cfg.vaw_power_end, anneal_steps=cfg.vaw_power_anneal) if cfg.vaw_power_anneal else {}
+        if cfg.vaw_prior == "cauchy":
+            variants["prior_alpha"] = alpha.get("alpha", SeedCauchyWeighting().alpha)
+        return make_weighting("vaw", cfg.vaw_kwargs(), **variants)
+    if name == "seed-cauchy":
+        return make_weighting(name, normalize=cfg.seed_normalize, **alpha)
+    if name == "seed-standardized":
+        return make_weighting(name, **alpha)
     if name == "min-snr":
         return make_weighting(name, target=formulation.target, gamma=cfg.gamma)
     if name == "p2":

@@ -110,6 +110,13 @@ class TrainConfig:
     vaw_weight_range: Tuple[float, float] = field(default=(0.1, 10.0), metadata={"help": "VAW weight_range WMIN WMAX"})
     vaw_warmup: int = field(default=0, metadata={"help": "VAW warmup_steps"})
     vaw_ramp: int = field(default=0, metadata={"help": "VAW ramp_steps"})
+    vaw_power_end: float = field(default=-1.0, metadata={
+        "help": "with --vaw-power-anneal N: the VAW power moves linearly from --vaw-power to this over N updates"})
+    vaw_power_anneal: int = field(default=0, metadata={"help": "updates over which the VAW power anneals (0: fixed)"})
+    vaw_prior: str = field(default="none", metadata={
+        "help": "none | cauchy: multiply the VAW weights by the paper's batch-centred Cauchy weights (--alpha)"})
+    seed_normalize: bool = field(default=False, metadata={
+        "help": "seed-cauchy: divide the weights by their batch mean (mean weight 1, the learning rate of uniform)"})
     # ---- sampling and evaluation -----------------------------------------------------------
     sampler: str = field(default="auto", metadata={"help": "auto (EDM: heun, DDPM: ddpm) | heun | ddpm | ddim"})
     sample_steps: int = field(default=50, metadata={"help": "sampler steps"})
@@ -121,6 +128,8 @@ class TrainConfig:
                 "to persample.npz (the paper's 200-batch variance analysis; 0: off)"})
     fid_every: int = field(default=0, metadata={"help": "FID (or the digits metric) every N steps (0: never)"})
     fid_samples: int = field(default=5000, metadata={"help": "samples per FID evaluation"})
+    fid_steps: Tuple[int, ...] = field(default=(), metadata={
+        "help": "extra steps with an FID (or digits metric) evaluation, e.g. 100,200,300 (denser early)"})
     fid_weights: str = field(default="", metadata={"help": "local Inception weights file for FID"})
     sample_only: bool = field(default=False, metadata={"help": "write samples.npz + PNG from the EMA weights of --out and exit"})
     num_samples: int = field(default=64, metadata={"help": "images for --sample-only"})
@@ -182,7 +191,8 @@ class TrainConfig:
 
         choices = {"dataset": DATASETS, "weighting": WEIGHTINGS, "formulation": FORMULATIONS,
                    "noise_sampling": NOISE_SAMPLINGS, "sampler": SAMPLERS, "backend": VAW_BACKENDS,
-                   "embedding": ("auto", "fourier", "positional"), "amp": ("auto", "bf16", "fp32")}
+                   "embedding": ("auto", "fourier", "positional"), "amp": ("auto", "bf16", "fp32"),
+                   "vaw_prior": ("none", "cauchy")}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -200,11 +210,14 @@ class TrainConfig:
                      "ddpm_timesteps", "edm2_channels"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_warmup", "sample_every", "analysis_batches", "fid_every", "vaw_min_count", "vaw_warmup", "vaw_ramp"):
+        for name in ("lr_warmup", "sample_every", "analysis_batches", "fid_every", "vaw_min_count", "vaw_warmup", "vaw_ramp",
+                     "vaw_power_anneal"):
             if getattr(self, name) < 0:
                 bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.keep_ckpts < 2:
             bad(f"--keep-ckpts must be >= 2 (a previous good checkpoint is always kept), got {self.keep_ckpts}")
+        if any(s < 1 for s in self.fid_steps):
+            bad(f"--fid-steps must be steps >= 1, got {list(self.fid_steps)}")
         if not self.channel_mults or any(m < 1 for m in self.channel_mults):
             bad(f"--channel-mults must be positive integers, got {list(self.channel_mults)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -279,6 +292,11 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # Sized so 3 weightings x 3 seeds finish in about an hour on 2 CPU cores, two runs at a time
     # with OMP_NUM_THREADS=1 each (tiny models scale badly across threads); step times are in
     # benchmarks/RESULTS.md.
+    # The ablation of issue #17 (experiments/ablation.py): 600 steps, the digits score early and
+    # often on 300 samples; about 1.5 min a run on one thread (benchmarks/RESULTS.md has timings).
+    "digits-ablation": dict(_DIGITS_COMMON, channels=32, steps=600, batch_size=64, lr=1e-3, ema_decay=0.995,
+                            log_every=50, ckpt_every=150, fid_steps=(100, 200, 300, 450, 600), fid_samples=300,
+                            analysis_batches=0),
     "digits-cpu": dict(_DIGITS_COMMON, channels=32, steps=2000, batch_size=64, lr=1e-3, ema_decay=0.995,
                        log_every=50, ckpt_every=500, fid_every=500, fid_samples=500, sample_every=500),
 }

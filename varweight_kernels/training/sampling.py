@@ -153,23 +153,27 @@ class _RemoteScorer:
 
 class Evaluation:
     """The EMA model during training: a grid every --sample-every steps, FID (or the digits
-    metric) every --fid-every steps, and at the end a grid and the per-sample analysis."""
+    metric) every --fid-every steps and at --fid-steps, and at the end a grid and the per-sample analysis."""
 
     def __init__(self, cfg: TrainConfig, formulation, shape, device: torch.device, d: DistInfo, autocast) -> None:
         self.cfg, self.formulation, self.shape, self.device, self.d = cfg, formulation, tuple(shape), device, d
         self.autocast = autocast
-        self.scorer = make_scorer(cfg, d) if cfg.fid_every > 0 else None
+        self.scorer = make_scorer(cfg, d) if cfg.fid_every > 0 or cfg.fid_steps else None
+
+    def score_due(self, step: int) -> bool:
+        cfg = self.cfg
+        return bool((cfg.fid_every and step % cfg.fid_every == 0) or step in cfg.fid_steps)
 
     def due(self, step: int) -> bool:
         cfg = self.cfg
-        return bool((cfg.fid_every and step % cfg.fid_every == 0) or (cfg.sample_every and step % cfg.sample_every == 0))
+        return self.score_due(step) or bool(cfg.sample_every and step % cfg.sample_every == 0)
 
     def __call__(self, step: int, net: torch.nn.Module, record: Dict[str, Any]) -> None:
         """Run on every rank (they share the FID samples); scores go into ``record``."""
         cfg = self.cfg
         if cfg.sample_every and step % cfg.sample_every == 0 and self.d.main:
             self.save_grid(step, net)
-        if self.scorer is not None and step % cfg.fid_every == 0:
+        if self.scorer is not None and self.score_due(step):
             imgs = generate_distributed(cfg, self.formulation, net, cfg.fid_samples, self.shape, self.device, self.d,
                                         self.autocast)
             if self.d.main:

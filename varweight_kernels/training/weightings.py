@@ -106,42 +106,72 @@ class UniformWeighting(Weighting):
 
 
 class VAWWeighting(Weighting):
-    """``VarianceAwareWeighting`` applied to (terms.loss, lam)."""
+    """``VarianceAwareWeighting`` applied to (terms.loss, lam).
+
+    Two variants for the ablation of issue #17, both off by default: ``power_end`` with
+    ``anneal_steps`` moves the power linearly from the module's power to ``power_end`` over that
+    many updates (a rule that starts one way and ends another); ``prior_alpha`` multiplies the
+    VAW weights by the paper's batch-centred Cauchy weights ``1 / (1 + alpha (lam - mean lam)^2)``.
+    """
 
     name = "vaw"
 
-    def __init__(self, **vaw_kwargs: Any) -> None:
+    def __init__(self, power_end: Optional[float] = None, anneal_steps: int = 0, prior_alpha: Optional[float] = None,
+                 **vaw_kwargs: Any) -> None:
         super().__init__()
         self.vaw = VarianceAwareWeighting(**vaw_kwargs)
+        self.power_start = self.vaw.config.power
+        self.power_end = self.power_start if power_end is None else float(power_end)
+        self.anneal_steps = int(anneal_steps)
+        self.prior = None if prior_alpha is None else SeedCauchyWeighting(prior_alpha)
 
     def objective(self, terms, lam: torch.Tensor, is_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.anneal_steps > 0 and self.vaw.training:
+            self._anneal_power()
         # The library step updates the statistics and returns the weighted mean (its own
-        # backward); with importance weights only its weights are used.
+        # backward); with importance weights or a prior only its weights are used.
         out = self.vaw(terms.loss, lam.detach().to(terms.loss.device))
         self.last_weights = self.vaw.last_weights
+        if self.prior is not None:
+            prior = self.prior.sample_weights(terms, lam).to(self.last_weights.dtype)
+            self.last_weights = self.last_weights * prior
+            is_weight = prior if is_weight is None else prior * is_weight.to(prior.dtype)
         if is_weight is None:
             return out
         dtype = terms.loss.dtype
-        return (self.last_weights.to(dtype) * is_weight.to(dtype) * terms.loss).mean()
+        return (self.vaw.last_weights.to(dtype) * is_weight.to(dtype) * terms.loss).mean()
+
+    def _anneal_power(self) -> None:
+        done = min(int(self.vaw.step) / self.anneal_steps, 1.0)
+        power = self.power_start + done * (self.power_end - self.power_start)
+        if power != self.vaw.config.power:
+            self.vaw.reconfigure(power=power)
 
     def bin_weights(self) -> torch.Tensor:
         return self.vaw.weight
 
 
 class SeedCauchyWeighting(Weighting):
-    """The paper code's weighting: ``w = 1 / (1 + alpha (lam - mean_batch(lam))^2)``."""
+    """The paper code's weighting: ``w = 1 / (1 + alpha (lam - mean_batch(lam))^2)``.
+
+    Its weights are not normalised (mean about 0.83 at alpha 0.05 under the EDM noise
+    distribution), which also lowers the effective learning rate; ``normalize=True`` divides them
+    by their batch mean, the control that separates the two effects.
+    """
 
     name = "seed-cauchy"
 
-    def __init__(self, alpha: float = 0.05) -> None:
+    def __init__(self, alpha: float = 0.05, normalize: bool = False) -> None:
         super().__init__()
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha!r}")
         self.alpha = float(alpha)
+        self.normalize = bool(normalize)
 
     def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
         lam = _hp(lam).to(terms.loss.device)
-        return 1.0 / (1.0 + self.alpha * (lam - lam.mean()) ** 2)
+        w = 1.0 / (1.0 + self.alpha * (lam - lam.mean()) ** 2)
+        return w / w.mean() if self.normalize else w
 
 
 class SeedStandardizedWeighting(Weighting):
@@ -269,7 +299,7 @@ WEIGHTINGS = {
 # for the weightings that do not take them, except vaw, which receives its own sub-mapping).
 _KEYS = {
     "uniform": (),
-    "seed-cauchy": ("alpha",),
+    "seed-cauchy": ("alpha", "normalize"),
     "seed-standardized": ("alpha", "min_weight"),
     "min-snr": ("target", "gamma"),
     "p2": ("target", "k", "gamma"),
