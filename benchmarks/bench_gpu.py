@@ -24,6 +24,13 @@ Peers per shape (shared/BENCHMARKING.md): every backend that runs on CUDA tensor
 Checks per backend (reported, never fatal): ``sync-free`` (a whole eager step, forward and
 ``autograd.grad``, under ``torch.cuda.set_sync_debug_mode("error")`` raises nothing) and
 ``capturable`` (the whole step captures into one CUDA graph and its replay advances the state).
+
+``--fused`` adds the fused kernels (``backend.fused = True``, what VARWEIGHT_FUSED_KERNELS=1
+switches on) as peers ``cuda+fused`` and ``triton+fused`` (with their graphs and checks), and the
+bandwidth table ``bench_gpu_fused.md``: the raw training step (``backend.step``, 12 B/sample) at
+B = 2^24, K = 64, for lam uniform over the range, EDM log-normal (ln sigma ~ N(-1.2, 1.2^2),
+lam = -2 ln sigma) and all in one bin, today's kernels against the fused ones, with a cold L2
+(do_bench flushes it before every call) and a warm one (CUDA events over back-to-back calls).
 """
 from __future__ import annotations
 
@@ -46,7 +53,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare  # noqa: E402  (shared runners; also puts an uninstalled checkout on sys.path)
 from varweight_kernels import available_backends  # noqa: E402
-from varweight_kernels.backends import backend_reason  # noqa: E402
+from varweight_kernels.backends import backend_reason, get_backend  # noqa: E402
+from varweight_kernels.config import VAWConfig  # noqa: E402
 
 # Datasheet peak memory bandwidth in GB/s; the longest name contained in the device name wins.
 PEAK_GBS = {
@@ -61,6 +69,26 @@ FULL_BINS = (64, 1024)
 QUICK_BATCHES = (1 << 10, 1 << 20, 1 << 24)
 QUICK_BINS = (64,)
 BYTES_FWD, BYTES_BWD = compare.BYTES_PER_SAMPLE_FWD, compare.BYTES_PER_SAMPLE_BWD
+FUSED = "+fused"
+FUSED_BACKENDS = ("cuda", "triton")
+BANDWIDTH_SHAPE = (1 << 24, 64)
+LAM_KINDS = ("uniform", "edm", "one bin")
+
+
+@contextlib.contextmanager
+def fused_kernels(peer: str):
+    """Runs the block with ``<backend>.fused`` as peer ``peer`` asks (``<backend>+fused``: on)."""
+    name = peer[:-len(FUSED)] if peer.endswith(FUSED) else peer
+    if name not in FUSED_BACKENDS:
+        yield name
+        return
+    backend = get_backend(name)
+    before = backend.fused
+    backend.fused = peer.endswith(FUSED)
+    try:
+        yield name
+    finally:
+        backend.fused = before
 
 
 def peak_gbs(name: str) -> Optional[float]:
@@ -121,9 +149,13 @@ def _short(exc: BaseException) -> str:
     return text[:300]
 
 
-def check_backend(name: str, batch: int, num_bins: int) -> Dict[str, object]:
-    """Sync-free eager step and whole-step graph capture of backend ``name`` (never raises)."""
-    result: Dict[str, object] = {"backend": name, "batch": batch, "bins": num_bins}
+def check_backend(peer: str, batch: int, num_bins: int) -> Dict[str, object]:
+    """Sync-free eager step and whole-step graph capture of peer ``peer`` (never raises)."""
+    with fused_kernels(peer) as name:
+        return _check_backend(name, batch, num_bins, {"backend": peer, "batch": batch, "bins": num_bins})
+
+
+def _check_backend(name: str, batch: int, num_bins: int, result: Dict[str, object]) -> Dict[str, object]:
     try:
         runner = compare.make_runner(name, batch, num_bins, device="cuda")
         for _ in range(3):
@@ -168,48 +200,8 @@ def measure_shape(batch: int, num_bins: int, backends: List[str], include_compil
     peers = list(backends) + [f"graph({b})" for b in backends] + (["compile(reference)"] if include_compiled else [])
     for peer in peers:
         graphed = peer.startswith("graph(")
-        name = peer[6:-1] if graphed else peer
-        row: Dict[str, object] = {"batch": batch, "bins": num_bins, "peer": peer}
-        try:
-            t0 = time.perf_counter()
-            # A graphed peer lives on one side stream from its first call: warm-up and capture.
-            side = torch.cuda.Stream() if graphed else None
-            side_ctx = torch.cuda.stream(side) if graphed else contextlib.nullcontext()
-            with side_ctx:
-                runner = compare.make_runner(name, batch, num_bins, device="cuda", dynamic=True)
-                for _ in range(3):
-                    runner.fwd()
-                    runner.bwd()
-            torch.cuda.synchronize()
-            g_step = None
-            if graphed:
-                g_fwd = capture(runner.fwd, stream=side)
-                g_bwd = capture(runner.bwd, stream=side)
-                g_step = capture(runner.grad, stream=side)  # the whole step (forward, update, backward) as one graph
-                fwd, bwd = g_fwd.replay, g_bwd.replay
-            else:
-                fwd, bwd = runner.fwd, runner.bwd
-            row["setup_s"] = time.perf_counter() - t0
-            row["fwd_us"] = bench(fwd, warmup_ms, rep_ms)
-            row["bwd_us"] = bench(bwd, warmup_ms, rep_ms)
-            row["step_us"] = row["fwd_us"] + row["bwd_us"]
-            row["grad_us"] = bench(g_step.replay if graphed else runner.grad, warmup_ms, rep_ms)
-            row["fwd_wall_us"] = wall_us(fwd)
-            row["fwd_gbs"] = BYTES_FWD * batch / (row["fwd_us"] * 1e3)
-            row["step_gbs"] = (BYTES_FWD + BYTES_BWD) * batch / (row["step_us"] * 1e3)
-            row["error"] = None
-        except Exception as exc:  # noqa: BLE001 (one failing peer must not end the run)
-            row["error"] = _short(exc)
-            log(f"  {peer} failed at B={batch} K={num_bins}: {row['error']}")
-            traceback.print_exc()
-            try:  # a failed capture leaves no capture open; make sure the device is still usable
-                torch.cuda.synchronize()
-            except Exception as again:  # noqa: BLE001
-                log(f"  device unusable after {peer}: {_short(again)}")
-                rows.append(row)
-                raise
-        rows.append(row)
-        runner = fwd = bwd = g_fwd = g_bwd = g_step = None  # noqa: F841
+        with fused_kernels(peer[6:-1] if graphed else peer) as name:
+            rows.append(_measure_peer(peer, name, graphed, batch, num_bins, warmup_ms, rep_ms, log))
         gc.collect()
         torch.cuda.empty_cache()
     eager = next((r for r in rows if r["peer"] == "reference" and r.get("error") is None), None)
@@ -218,6 +210,122 @@ def measure_shape(batch: int, num_bins: int, backends: List[str], include_compil
             r["speedup_step"] = eager["step_us"] / r["step_us"]
             r["speedup_fwd"] = eager["fwd_us"] / r["fwd_us"]
     return rows
+
+
+def _measure_peer(peer: str, name: str, graphed: bool, batch: int, num_bins: int, warmup_ms: float, rep_ms: float,
+                  log) -> Dict[str, object]:
+    """One row of measure_shape: backend ``name`` (eager, or ``graphed``) at one shape (never raises
+    unless the device is unusable afterwards)."""
+    row: Dict[str, object] = {"batch": batch, "bins": num_bins, "peer": peer}
+    try:
+        t0 = time.perf_counter()
+        # A graphed peer lives on one side stream from its first call: warm-up and capture.
+        side = torch.cuda.Stream() if graphed else None
+        side_ctx = torch.cuda.stream(side) if graphed else contextlib.nullcontext()
+        with side_ctx:
+            runner = compare.make_runner(name, batch, num_bins, device="cuda", dynamic=True)
+            for _ in range(3):
+                runner.fwd()
+                runner.bwd()
+        torch.cuda.synchronize()
+        g_step = None
+        if graphed:
+            g_fwd = capture(runner.fwd, stream=side)
+            g_bwd = capture(runner.bwd, stream=side)
+            g_step = capture(runner.grad, stream=side)  # the whole step (forward, update, backward) as one graph
+            fwd, bwd = g_fwd.replay, g_bwd.replay
+        else:
+            fwd, bwd = runner.fwd, runner.bwd
+        row["setup_s"] = time.perf_counter() - t0
+        row["fwd_us"] = bench(fwd, warmup_ms, rep_ms)
+        row["bwd_us"] = bench(bwd, warmup_ms, rep_ms)
+        row["step_us"] = row["fwd_us"] + row["bwd_us"]
+        row["grad_us"] = bench(g_step.replay if graphed else runner.grad, warmup_ms, rep_ms)
+        row["fwd_wall_us"] = wall_us(fwd)
+        row["fwd_gbs"] = BYTES_FWD * batch / (row["fwd_us"] * 1e3)
+        row["step_gbs"] = (BYTES_FWD + BYTES_BWD) * batch / (row["step_us"] * 1e3)
+        row["error"] = None
+    except Exception as exc:  # noqa: BLE001 (one failing peer must not end the run)
+        row["error"] = _short(exc)
+        log(f"  {peer} failed at B={batch} K={num_bins}: {row['error']}")
+        traceback.print_exc()
+        try:  # a failed capture leaves no capture open; make sure the device is still usable
+            torch.cuda.synchronize()
+        except Exception as again:  # noqa: BLE001
+            log(f"  device unusable after {peer}: {_short(again)}")
+            raise
+    return row
+
+
+def lam_inputs(kind: str, batch: int, num_bins: int):
+    """(loss, lam) on the GPU for the bandwidth table: lam uniform over the default range, EDM
+    log-normal, or all in one bin."""
+    gen = torch.Generator(device="cuda").manual_seed(batch + num_bins)
+    loss = torch.exp(0.5 * torch.randn(batch, generator=gen, device="cuda"))
+    if kind == "uniform":
+        lo, hi = VAWConfig(num_bins=num_bins).logsnr_range
+        lam = lo + (hi - lo) * torch.rand(batch, generator=gen, device="cuda")
+    elif kind == "edm":
+        lam = 2.4 - 2.4 * torch.randn(batch, generator=gen, device="cuda")  # -2 ln sigma, ln sigma ~ N(-1.2, 1.2^2)
+    else:
+        lam = torch.full((batch,), 0.3, device="cuda")
+    return loss, lam
+
+
+def warm_us(fn: Callable[[], object], calls: int = 20) -> float:
+    """Device time per call over back-to-back calls (CUDA events, L2 not flushed: the warm case)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
+def fused_bandwidth(backends: List[str], warmup_ms: float, rep_ms: float, log=print) -> List[Dict[str, object]]:
+    """The raw training step (``backend.step``) at BANDWIDTH_SHAPE per lam distribution, today's
+    kernels against the fused ones, cold and warm L2 (never raises)."""
+    batch, num_bins = BANDWIDTH_SHAPE
+    params = VAWConfig(num_bins=num_bins).kernel_params()
+    rows: List[Dict[str, object]] = []
+    for kind in LAM_KINDS:
+        loss, lam = lam_inputs(kind, batch, num_bins)
+        for peer in [p for b in FUSED_BACKENDS if b in backends for p in (b, b + FUSED)]:
+            row: Dict[str, object] = {"lam": kind, "batch": batch, "bins": num_bins, "peer": peer}
+            try:
+                with fused_kernels(peer) as name:
+                    impl = get_backend(name)
+                    state = [torch.zeros(num_bins, device="cuda") for _ in range(3)] + [
+                        torch.zeros(num_bins, dtype=torch.float64, device="cuda"), torch.ones(num_bins, device="cuda"),
+                        torch.zeros((), dtype=torch.int64, device="cuda"), torch.zeros((), dtype=torch.int64, device="cuda")]
+                    step = functools.partial(impl.step, loss, lam, *state, params, True)
+                    row["cold_us"] = bench(step, warmup_ms, rep_ms)
+                    row["warm_us"] = warm_us(step)
+                row["cold_gbs"] = BYTES_FWD * batch / (row["cold_us"] * 1e3)
+                row["warm_gbs"] = BYTES_FWD * batch / (row["warm_us"] * 1e3)
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = _short(exc)
+            rows.append(row)
+            log(f"bandwidth {row}")
+    return rows
+
+
+def bandwidth_markdown(rows: List[Dict[str, object]], peak: Optional[float]) -> str:
+    pct = (lambda g: None if not peak or g is None else 100.0 * g / peak)
+    lines = ["", f"Raw training step (backend.step) at B = {BANDWIDTH_SHAPE[0]}, K = {BANDWIDTH_SHAPE[1]}, "
+             f"{BYTES_FWD} B/sample; cold: do_bench median, L2 flushed; warm: back-to-back calls:", "",
+             "| lam | peer | cold us | cold GB/s | cold %peak | warm us | warm GB/s | warm %peak |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['lam']} | {r['peer']} | failed: {r['error'][:80]} | | | | | |")
+            continue
+        lines.append(f"| {r['lam']} | {r['peer']} | {_f(r['cold_us'])} | {_f(r['cold_gbs'])} | "
+                     f"{_f(pct(r['cold_gbs']), 2)} | {_f(r['warm_us'])} | {_f(r['warm_gbs'])} | "
+                     f"{_f(pct(r['warm_gbs']), 2)} |")
+    return "\n".join(lines)
 
 
 # Kernel-1 geometries of the Triton backend tried by --sweep: (BLOCK_B, bin tile cap, program cap, warps).
@@ -317,6 +425,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-ms", type=float, default=10.0)
     parser.add_argument("--rep-ms", type=float, default=50.0)
     parser.add_argument("--sweep", action="store_true", help="also time the Triton kernel-1 geometries of SWEEP_GEOMETRIES")
+    parser.add_argument("--fused", action="store_true",
+                        help="also the fused kernels (peers <backend>+fused) and the B = 2^24 bandwidth table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_gpu.py needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
@@ -347,10 +457,15 @@ def main(argv=None) -> int:
     info["copy_gbs"] = copy_bandwidth_gbs()
     log(f"{props.name}: copy {info['copy_gbs']:.0f} GB/s, peak {info['peak_gbs']} GB/s; backends {backends}")
 
+    peers = backends + ([b + FUSED for b in FUSED_BACKENDS if b in backends] if args.fused else [])
     checks = []
-    for b in backends:
+    for b in peers:
         checks.append(check_backend(b, 1 << 20, 64))
         log(f"check {b}: {checks[-1]}")
+    bandwidth: List[Dict[str, object]] = []
+    if args.fused:
+        bandwidth = fused_bandwidth(backends, args.warmup_ms, args.rep_ms, log)
+        (out / "bench_gpu_fused.md").write_text(bandwidth_markdown(bandwidth, info["peak_gbs"]) + "\n")
     sweep: List[Dict[str, object]] = []
     if args.sweep and "triton" in backends:
         sweep = sweep_triton(args.warmup_ms, args.rep_ms, log)
@@ -359,13 +474,14 @@ def main(argv=None) -> int:
     for num_bins in bins:
         for batch in batches:
             t0 = time.perf_counter()
-            rows.extend(measure_shape(batch, num_bins, backends, not args.no_compile, args.warmup_ms, args.rep_ms, log))
+            rows.extend(measure_shape(batch, num_bins, peers, not args.no_compile, args.warmup_ms, args.rep_ms, log))
             log(f"B={batch} K={num_bins} done in {time.perf_counter() - t0:.1f} s")
             # write as we go: a timeout later still leaves what was measured
-            (out / "bench_gpu.json").write_text(json.dumps({"info": info, "rows": rows, "checks": checks, "sweep": sweep},
-                                                            indent=1, default=str))
+            (out / "bench_gpu.json").write_text(json.dumps({"info": info, "rows": rows, "checks": checks, "sweep": sweep,
+                                                            "bandwidth": bandwidth}, indent=1, default=str))
             (out / "bench_gpu.md").write_text(markdown(info, rows, checks) + "\n")
-    print(markdown(info, rows, checks) + (sweep_markdown(sweep) if sweep else ""))
+    print(markdown(info, rows, checks) + (sweep_markdown(sweep) if sweep else "")
+          + (bandwidth_markdown(bandwidth, info["peak_gbs"]) if bandwidth else ""))
     return 0
 
 

@@ -7,6 +7,14 @@
 #   5. benchmarks/bench_gpu.py (backends, CUDA-graph replay, peers, sync/capture checks)
 #   6. benchmarks/overhead.py on the GPU (training step, uniform vs vaw)
 #   7. a short CUDA run of the trainer (train, resume, --compile)
+#   8. the fused kernels (VARWEIGHT_FUSED_KERNELS=1, issue #19), not yet the default:
+#      fused_tests  the GPU tests once more with the switch on in the environment (the step tests
+#                   also run both kernel sets by themselves, in step 4)
+#      fused_bench  bench_gpu.py --fused: today's kernels and the fused ones at B = 1024 and 65536,
+#                   K = 64 (eager, graphed whole step, sync-free and capture checks) and the raw step
+#                   at B = 2^24, K = 64 for lam uniform / EDM / one bin, cold and warm L2 ($OUT/fused)
+#      sanitizer    compute-sanitizer racecheck, synccheck and memcheck on small fused steps
+#                   (B = 2^16 + 3, K = 64: several blocks, so the ticket path runs) of cuda and triton
 # Every step has its own time limit and the script carries on after a failing step; all
 # output is tee'd to $OUT/gpu_check.log and a summary is printed last and saved as
 # $OUT/summary.md. $OUT defaults to ./gpu_results.
@@ -17,6 +25,8 @@
 # (smaller benchmark grid), GPU_CHECK_XDIST (pytest workers, default 8), GPU_CHECK_TESTS (pytest -k
 # expression, default "cuda or gpu"; empty runs the whole suite), PYTHON (default python3),
 # GPU_CHECK_STEPS (run only these steps, e.g. "environment build bench_gpu" for a rerun).
+# The fused kernels alone, within ~8 minutes:
+#   run(command="GPU_CHECK_STEPS='environment wheels build tests fused_tests fused_bench sanitizer' bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 set -uo pipefail  # no -e: a failing step is recorded and the next one still runs
 
 cd "$(dirname "$0")/.."
@@ -147,8 +157,33 @@ trainer_smoke() {
             --analysis-batches 4 && tail -n 1 "$run-compiled/metrics.jsonl"
 }
 
+fused_tests() {
+    VARWEIGHT_FUSED_KERNELS=1 "$PY" -m pytest python_tests/test_cuda_backend.py python_tests/test_triton.py \
+        python_tests/test_module.py -q -rs -p no:cacheprovider -k "${GPU_CHECK_TESTS-cuda or gpu}" \
+        --junitxml="$OUT/tests_fused.xml"
+}
+
+sanitize() {
+    # racecheck: shared-memory hazards (the fused CUDA kernel's columns, its block sums and the
+    # last block's finalize); synccheck: barrier use; memcheck: out-of-bounds and misaligned accesses.
+    local tool_bin
+    tool_bin=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+    if [[ ! -x "$tool_bin" ]]; then
+        echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin)"
+        return 1
+    fi
+    local rc=0 tool name
+    for tool in racecheck synccheck memcheck; do
+        for name in cuda triton; do
+            echo "--- compute-sanitizer --tool $tool: $name"
+            "$tool_bin" --tool "$tool" --error-exitcode 3 --print-limit 20 "$PY" benchmarks/fused_step.py "$name" || rc=1
+        done
+    done
+    return $rc
+}
+
 export ROOT OUT PY
-export -f env_info install_wheels build_extension run_tests trainer_smoke
+export -f env_info install_wheels build_extension run_tests trainer_smoke fused_tests sanitize
 
 bench_args=(--sweep)
 if [[ "${GPU_CHECK_QUICK:-0}" != "0" ]]; then
@@ -164,6 +199,10 @@ step tests      120 180 run_tests
 step bench_gpu  150 110 "$PY" benchmarks/bench_gpu.py --out "$OUT" "${bench_args[@]}"
 step overhead    60  50 "$PY" benchmarks/overhead.py --device cuda --out "$OUT"
 step trainer     60   0 trainer_smoke
+step fused_tests 90   0 fused_tests
+step fused_bench 120  0 "$PY" benchmarks/bench_gpu.py --out "$OUT/fused" --fused --batches 1024 65536 --bins 64 \
+    --no-compile --rep-ms 30
+step sanitizer  150   0 sanitize
 
 {
     echo "# gpu_check.sh on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ($(date -u +%F))"
@@ -177,6 +216,8 @@ step trainer     60   0 trainer_smoke
 echo
 [[ -f "$OUT/bench_gpu.md" ]] && cat "$OUT/bench_gpu.md"
 [[ -f "$OUT/overhead.md" ]] && cat "$OUT/overhead.md"
+[[ -f "$OUT/fused/bench_gpu.md" ]] && cat "$OUT/fused/bench_gpu.md"
+[[ -f "$OUT/fused/bench_gpu_fused.md" ]] && cat "$OUT/fused/bench_gpu_fused.md"
 echo
 cat "$OUT/summary.md"
 exec 1>&- 2>&-

@@ -1,5 +1,8 @@
 """The CUDA backend ("cuda") on CUDA tensors: against the reference, deterministic, no host sync,
-at most two kernel launches per step. Skipped without a CUDA device.
+at most two kernel launches per step (one for the fused step). Skipped without a CUDA device.
+
+The step tests run twice: today's kernels and the fused ones (``fused``: the one-launch training
+step and the vectorised backward, switched on with VARWEIGHT_FUSED_KERNELS=1), to the same tolerances.
 
 Tolerances as in test_cpp.py: float32/float64 losses rtol 1e-6 on every recorded value; float16 /
 bfloat16 losses the same except ``out`` (rtol 1e-3 / 8e-3: the reference sums in float32, the
@@ -18,6 +21,13 @@ from varweight_kernels.backends import backend_reason, get_backend
 from varweight_kernels.config import VAWConfig
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+FUSED = [pytest.param(False, id="two-launch"), pytest.param(True, id="fused")]
+
+
+@pytest.fixture
+def fused(request, monkeypatch):
+    monkeypatch.setattr(get_backend("cuda"), "fused", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,8 +37,9 @@ def cuda_backend_available():
         pytest.fail(f"the cuda backend cannot run on this GPU machine: {reason}", pytrace=False)
 
 
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
 @pytest.mark.parametrize("case", list(random_cases(24, seed=0)) + edge_cases(), ids=lambda c: c.name)
-def test_matches_reference_float32(case):
+def test_matches_reference_float32(case, fused):
     expected = run_case(case, "reference")  # CPU reference
     actual = run_case(case, "cuda", device="cuda")
     assert_records_close(actual, expected, rtol=1e-6, what=case.name)
@@ -37,14 +48,16 @@ def test_matches_reference_float32(case):
 @pytest.mark.parametrize("case", list(random_cases(6, seed=1, max_batch=4097)), ids=lambda c: c.name)
 @pytest.mark.parametrize("loss_dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lam_dtype", [torch.float32, torch.float64, torch.float16], ids=str)
-def test_dtypes(case, loss_dtype, lam_dtype):
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
+def test_dtypes(case, loss_dtype, lam_dtype, fused):
     expected = run_case(case, "reference", loss_dtype=loss_dtype, lam_dtype=lam_dtype)
     actual = run_case(case, "cuda", device="cuda", loss_dtype=loss_dtype, lam_dtype=lam_dtype)
     assert_records_close_half(actual, expected, loss_dtype, f"{case.name} {loss_dtype} {lam_dtype}")
 
 
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
 @pytest.mark.parametrize("case", edge_cases(), ids=lambda c: c.name)
-def test_deterministic_and_equal_to_itself(case):
+def test_deterministic_and_equal_to_itself(case, fused):
     assert_records_equal(run_case(case, "cuda", device="cuda"), run_case(case, "cuda", device="cuda"), what=case.name)
 
 
@@ -83,7 +96,8 @@ def test_split_path_equals_fused_and_moments_match(K):
             torch.testing.assert_close(a, r, rtol=1e-6, atol=0)
 
 
-def test_no_host_sync_and_at_most_two_launches():
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
+def test_no_host_sync_and_at_most_two_launches(fused):
     backend = get_backend("cuda")
     K = 64
     params = VAWConfig(num_bins=K).kernel_params()
@@ -100,10 +114,11 @@ def test_no_host_sync_and_at_most_two_launches():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    assert 1 <= len(kernels) <= 2, [e.name for e in kernels]
+    assert 1 <= len(kernels) <= (1 if fused else 2), [e.name for e in kernels]
 
 
-def test_cuda_graph_capture():
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
+def test_cuda_graph_capture(fused):
     backend = get_backend("cuda")
     K = 32
     params = VAWConfig(num_bins=K, min_count=1).kernel_params()
@@ -149,7 +164,8 @@ def test_cpp_and_cuda_agree():
     assert_records_close_half(run_case(case, "cuda", device="cuda"), run_case(case, "cpp"), torch.float32, case.name)
 
 
-def test_torch_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
+def test_torch_compile_fullgraph_matches_eager(fused):
     torch._dynamo.reset()
     eager = VarianceAwareWeighting(num_bins=16, min_count=2, backend="cuda").cuda()
     compiled_mod = VarianceAwareWeighting(num_bins=16, min_count=2, backend="cuda").cuda()
@@ -160,3 +176,42 @@ def test_torch_compile_fullgraph_matches_eager():
         assert torch.equal(eager(loss, lam), compiled(loss, lam))
     for name in ("M", "Q", "Z", "C", "weight", "step", "nonfinite"):
         assert torch.equal(getattr(eager, name), getattr(compiled_mod, name)), name
+
+
+@pytest.mark.parametrize("lam_kind", ["uniform", "edm", "one bin"])
+def test_fused_step_many_blocks(lam_kind, monkeypatch):
+    """B = 2^20 (a full grid of fused blocks and the ticket), K = 64: the reference's values, and
+    the same bits on a second run; the ticket is back to zero for the next step."""
+    monkeypatch.setattr(get_backend("cuda"), "fused", True)
+    B, K = 1 << 20, 64
+    params = VAWConfig(num_bins=K, min_count=1).kernel_params()
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    loss = torch.exp(torch.randn(B, device="cuda", generator=gen))
+    lam = {"uniform": torch.rand(B, device="cuda", generator=gen) * 24 - 12,
+           "edm": 2.4 - 2.4 * torch.randn(B, device="cuda", generator=gen),
+           "one bin": torch.full((B,), 0.3, device="cuda")}[lam_kind]
+    states = [fresh_state(K, device="cuda") for _ in range(3)]
+    for _ in range(2):
+        out_a, w_a = get_backend("cuda").step(loss, lam, *states[0], params, True)
+        out_b, w_b = get_backend("cuda").step(loss, lam, *states[1], params, True)
+        out_r, w_r = reference.step(loss, lam, *states[2], params, True)
+        assert torch.equal(out_a, out_b) and torch.equal(w_a, w_b)
+        torch.testing.assert_close(out_a, out_r, rtol=1e-5, atol=0)
+        torch.testing.assert_close(w_a, w_r, rtol=1e-6, atol=0)
+        for a, b, r in zip(*states):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, r, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("loss_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B", [1, 3, 4, 1027, 1 << 20])
+def test_fused_backward_same_bits(loss_dtype, B, monkeypatch):
+    """The vectorised backward gives the bits of today's (tails of B % 4 included)."""
+    backend = get_backend("cuda")
+    w = torch.rand(B, device="cuda") + 0.5
+    grad = torch.tensor(0.37, device="cuda", dtype=loss_dtype)
+    monkeypatch.setattr(backend, "fused", False)
+    expected = backend.backward(grad, w, loss_dtype)
+    monkeypatch.setattr(backend, "fused", True)
+    assert torch.equal(backend.backward(grad, w, loss_dtype), expected)
+    assert torch.equal(backend.backward(grad, w[1:], loss_dtype), reference.scale_grad(grad, w[1:], loss_dtype))

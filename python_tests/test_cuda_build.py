@@ -11,6 +11,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +115,17 @@ def test_auto_prefers_cuda_then_triton_on_cuda_tensors():
 
     assert auto_order("cuda") == ("cuda", "triton", "reference")
     assert auto_order("cpu") == ("cpp", "reference")
+
+
+def test_fused_kernels_are_off_by_default_and_switch(cuda_library):
+    """The fused kernels run only when asked for: VARWEIGHT_FUSED_KERNELS=1 or ``backend.fused = True``."""
+    code = ("from varweight_kernels.backends.compiled import CudaBackend\n"
+            "from varweight_kernels.backends.extension import status\n"
+            "print(status().cuda_reason is None and CudaBackend().fused)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for value, expected in (("", "False"), ("0", "False"), ("1", "True")):
+        env = dict(os.environ, VARWEIGHT_FUSED_KERNELS=value,
+                   PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == expected, (value, result.stdout)

@@ -41,6 +41,15 @@ RTOL = 1e-5
 # the reference; ``out`` is rounded to the loss dtype from a float32 sum taken in another order,
 # so it may land one ulp of that dtype away (bf16: 2^-8, fp16: 2^-11 relative).
 OUT_RTOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: RTOL, torch.float64: RTOL}
+# The training step of both kernel sets: today's two launches, and the one-launch fused kernel
+# (VARWEIGHT_FUSED_KERNELS=1). Same tolerances, same determinism.
+FUSED = [pytest.param(False, id="two-launch"), pytest.param(True, id="fused")]
+
+
+@pytest.fixture
+def fused(request, monkeypatch):
+    monkeypatch.setattr(get_backend("triton"), "fused", request.param)
+    return request.param
 
 
 @pytest.fixture(autouse=True)
@@ -66,24 +75,27 @@ def _case_params():
     return params
 
 
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
 @pytest.mark.parametrize("device, case", _case_params())
-def test_matches_reference(device, case):
+def test_matches_reference(device, case, fused):
     assert_records_close(run_case(case, "triton", device=device), run_case(case, "reference"), rtol=RTOL,
                          what=case.name)
 
 
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("loss_dtype, lam_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float64),
                                                    (torch.float64, torch.bfloat16), (torch.float32, torch.float16)])
-def test_dtypes(device, loss_dtype, lam_dtype):
+def test_dtypes(device, loss_dtype, lam_dtype, fused):
     for case in (edge_cases()[1], next(iter(random_cases(1, seed=7, max_batch=1025, max_bins=257)))):
         actual = run_case(case, "triton", device=device, loss_dtype=loss_dtype, lam_dtype=lam_dtype)
         expected = run_case(case, "reference", loss_dtype=loss_dtype, lam_dtype=lam_dtype)
         _compare(actual, expected, loss_dtype, f"{case.name} {loss_dtype} {lam_dtype}")
 
 
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
 @pytest.mark.parametrize("device", DEVICES)
-def test_two_runs_bitwise_equal(device):
+def test_two_runs_bitwise_equal(device, fused):
     for case in (edge_cases()[1], next(iter(random_cases(1, seed=11, max_batch=4097, max_bins=257)))):
         assert_records_equal(run_case(case, "triton", device=device), run_case(case, "triton", device=device),
                              what=case.name)
@@ -160,15 +172,48 @@ class _CountingKernel:
         return self.kernel[grid]
 
 
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
-def test_at_most_two_launches_per_step(device, training, monkeypatch):
+def test_launches_per_step(device, training, fused, monkeypatch):
+    """Two launches; one for a fused training step (eval keeps the two-launch forward)."""
     launches = []
-    for name in ("_bin_partials_kernel", "_finalize_kernel"):
+    for name in ("_bin_partials_kernel", "_finalize_kernel", "_fused_step_kernel"):
         monkeypatch.setattr(triton_vaw, name, _CountingKernel(getattr(triton_vaw, name), launches))
     module = VarianceAwareWeighting(num_bins=32, min_count=0, backend="triton").to(device).train(training)
     module(torch.rand(300, device=device), torch.randn(300, device=device) * 6)
-    assert len(launches) == 2
+    assert len(launches) == (1 if fused and training else 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_ticket_is_zero_after_every_step(device, monkeypatch):
+    """The last program of a fused step resets its ticket, with several programs and bin tiles."""
+    backend = get_backend("triton")
+    monkeypatch.setattr(backend, "fused", True)
+    case = edge_cases()[3]  # K = 4096: several bin tiles; B = 20,000: several programs
+    batch = case.batches[0][0].numel()
+    programs, _, _, _, tiles, _ = triton_vaw.fused_geometry(batch, case.config["num_bins"], INTERPRETED)
+    assert programs > 1 and tiles > 1
+    assert_records_close(run_case(case, "triton", device=device), run_case(case, "reference"), rtol=RTOL,
+                         what=case.name)
+    assert int(backend._ticket(torch.device(device))) == 0
+
+
+def test_fused_switch_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("VARWEIGHT_FUSED_KERNELS", "1")
+    assert triton_vaw.TritonBackend().fused
+    monkeypatch.delenv("VARWEIGHT_FUSED_KERNELS")
+    assert not triton_vaw.TritonBackend().fused
+
+
+def test_fused_geometry_is_bounded():
+    """Fused geometry: at most max_programs programs covering every sample, bin tiles covering every bin."""
+    for batch in (1, 31, 1537, 100_000, 2 ** 24, 2 ** 26):
+        for num_bins in (1, 64, 65, 256, 257, 4096):
+            programs, per_program, block_b, hi, tiles, _ = triton_vaw.fused_geometry(batch, num_bins, False)
+            assert programs <= triton_vaw.FUSED_COMPILED_GEOMETRY.max_programs and 2 * hi >= 16
+            assert tiles * hi * triton_vaw.FUSED_LO >= num_bins > (tiles - 1) * hi * triton_vaw.FUSED_LO
+            assert programs * per_program * block_b >= batch > (programs - 1) * per_program * block_b
 
 
 def test_launch_geometry_is_bounded():
@@ -210,8 +255,9 @@ def test_import_without_triton():
     assert "triton cannot be imported" in result.stdout
 
 
+@pytest.mark.parametrize("fused", FUSED, indirect=True)
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(device):
+def test_torch_compile_fullgraph(device, fused):
     case = edge_cases()[1]
     module = VarianceAwareWeighting(**case.config, backend="triton").to(device)
     expected = VarianceAwareWeighting(**case.config, backend="reference")

@@ -19,6 +19,15 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+FUSED_KERNELS_ENV = "VARWEIGHT_FUSED_KERNELS"
+
+
+def fused_kernels_requested() -> bool:
+    """Whether ``VARWEIGHT_FUSED_KERNELS`` asks the triton and cuda backends for their one-launch
+    training step (read when the backend is constructed; off by default until measured on a GPU)."""
+    return os.environ.get(FUSED_KERNELS_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 class Backend:
     """One implementation of a step. ``forward_moments`` and ``update`` are the two phases that a
     distributed step all-reduces between; ``step`` is both at once (backends fuse it)."""

@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import extension
-from .base import Backend
+from .base import Backend, fused_kernels_requested
 
 # Import-time check: loads (or JIT-builds) the extension once, warning once on a mismatch.
 EXTENSION = extension.status()
@@ -62,6 +62,21 @@ class CudaBackend(_CompiledBackend):
 
     def __init__(self) -> None:
         self._code_reasons: Dict[int, Optional[str]] = {}  # device index -> why the library has no code for it
+        if fused_kernels_requested() and EXTENSION.cuda_reason is None:
+            self.fused = True
+
+    @property
+    def fused(self) -> bool:
+        """Whether a training step runs the one-launch fused kernel (K <= 64, float32 lam, vector-aligned
+        inputs; today's kernels otherwise) and backward the vectorised one. The switch lives in the
+        CUDA library, so the native autograd step and torch.compile follow it too."""
+        return EXTENSION.cuda_reason is None and bool(torch.ops.varweight_ext.cuda_fused_kernels(-1))
+
+    @fused.setter
+    def fused(self, enable: bool) -> None:
+        if EXTENSION.cuda_reason is not None:
+            raise RuntimeError(f"the cuda backend is unavailable: {EXTENSION.cuda_reason}")
+        torch.ops.varweight_ext.cuda_fused_kernels(int(bool(enable)))
 
     def unavailable_reason(self) -> Optional[str]:
         if EXTENSION.cuda_reason is not None:

@@ -7,7 +7,13 @@
 * ``_finalize_kernel`` (one program) reduces those rows in a fixed order, writes ``out`` and,
   depending on the phase, the packed moment buffer and/or the EMA + next weight table.
 
-The grid depends only on ``B`` and ``K`` and nothing uses atomics, so a step is bitwise
+With ``fused`` (``VARWEIGHT_FUSED_KERNELS=1``; off by default until measured on a GPU) a training
+``step`` is one launch, ``_fused_step_kernel``: each program writes the same partial row, counts
+by ``tl.histogram`` and sums ``L`` and ``L^2`` per bin with a factorised one-hot float64 ``tl.dot``
+(no K-wide one-hot; every sample read once up to 256 bins), and the last program to take a ticket
+(an atomic counter, acquire/release) reduces the rows and updates the state like ``_finalize_kernel``.
+
+The grid depends only on ``B`` and ``K`` and no sum uses atomics, so a step is bitwise
 reproducible. Moments and the EMA / weight table are computed in float64 so that the float32
 state matches :mod:`varweight_kernels.reference` bit for bit (a bin that saw a single sample has
 a variance made only of rounding noise, so float32 moments would change its weight).
@@ -25,7 +31,7 @@ import torch
 
 from ..config import KernelParams
 from ..reference import MAX_STAT_SQUARE as _MAX_STAT_SQUARE, RAW_WEIGHT_CAP
-from .base import Backend, triton_interpret
+from .base import Backend, fused_kernels_requested, triton_interpret
 
 try:
     import triton
@@ -58,6 +64,32 @@ FINAL_BIN_TILE = {False: 256, True: 4096}
 BACKWARD_BLOCK = 1024
 
 
+class FusedGeometry(NamedTuple):
+    """One-launch step: samples per block, cap on programs, warps."""
+
+    block_b: int
+    max_programs: int
+    num_warps: int
+
+
+# Not yet measured (blocked on a GPU): two programs per H200 SM; bench_gpu.py --fused times it.
+# The interpreter gets few wide programs (still more than one, so the ticket is exercised).
+FUSED_COMPILED_GEOMETRY = FusedGeometry(128, 264, 4)
+FUSED_INTERPRETER_GEOMETRY = FusedGeometry(1024, 4, 4)
+FUSED_LO = 16      # bin = FUSED_LO * hi + lo; 16 is tl.dot's smallest N
+FUSED_MAX_HI = 16  # hi values per bin tile: up to 256 bins are summed in one pass over the samples
+
+
+def fused_geometry(batch: int, num_bins: int, interpret: bool) -> Tuple[int, int, int, int, int, int]:
+    """``(programs, blocks_per_program, block_b, hi, tiles, num_warps)`` of the fused kernel, from B and K only."""
+    geometry = FUSED_INTERPRETER_GEOMETRY if interpret else FUSED_COMPILED_GEOMETRY
+    hi = max(8, min(FUSED_MAX_HI, triton.next_power_of_2(triton.cdiv(num_bins, FUSED_LO))))  # 2 hi >= 16 rows
+    blocks = triton.cdiv(batch, geometry.block_b)
+    per_program = triton.cdiv(blocks, min(blocks, geometry.max_programs))
+    return (triton.cdiv(blocks, per_program), per_program, geometry.block_b, hi,
+            triton.cdiv(num_bins, hi * FUSED_LO), geometry.num_warps)
+
+
 def launch_geometry(batch: int, num_bins: int, training: bool, interpret: bool) -> Tuple[int, int, int, int, int, int]:
     """``(programs, blocks_per_program, block_b, bin_tiles, block_k, num_warps)`` of kernel 1, from B and K only."""
     if interpret:
@@ -79,6 +111,16 @@ if triton is not None:
     LMIN, BIN_SCALE, DECAY, POWER, EPS, MIN_COUNT, WMIN, WMAX, WARMUP, RAMP = (
         tl.constexpr(KernelParams._fields.index(name)) for name in
         ("lmin", "bin_scale", "decay", "power", "eps", "min_count", "wmin", "wmax", "warmup", "ramp"))
+
+    @triton.jit
+    def _bin(lam, lmin, bin_scale, K):
+        """Bin of each float32 ``lam`` (NaN: bin 0) and the NaN mask."""
+        lam_nan = lam != lam
+        # Precision contract: float32 multiply, clamp in float before the int conversion.
+        u = tl.floor((lam - lmin) * bin_scale)
+        u = tl.where(u < 0.0, 0.0, u)
+        u = tl.where(u > K - 1, K - 1, u)
+        return tl.where(lam_nan, 0.0, u).to(tl.int32), lam_nan
 
     @triton.jit
     def _bin_partials_kernel(loss_ptr, lam_ptr, weight_ptr, w_ptr, part_ptr, params_ptr, batch, blocks_per_program,
@@ -112,12 +154,7 @@ if triton is not None:
             next_offs = offs + BLOCK_B  # past the program's range on the last block: read, never used
             next_lam = tl.load(lam_ptr + next_offs, mask=next_offs < batch, other=0.0)
             next_loss = tl.load(loss_ptr + next_offs, mask=next_offs < batch, other=0.0)
-            lam_nan = lam != lam
-            # Precision contract: float32 multiply, clamp in float before the int conversion.
-            u = tl.floor((lam - lmin) * bin_scale)
-            u = tl.where(u < 0.0, 0.0, u)
-            u = tl.where(u > K - 1, K - 1, u)
-            idx = tl.where(lam_nan, 0.0, u).to(tl.int32)
+            idx, lam_nan = _bin(lam, lmin, bin_scale, K)
             if tile == 0:
                 w = tl.where(lam_nan, 1.0, tl.load(weight_ptr + idx, mask=mask, other=1.0))
                 tl.store(w_ptr + offs, w, mask=mask)
@@ -172,8 +209,16 @@ if triton is not None:
                          W_ptr, step_ptr, bad_ptr, K, ACC: tl.constexpr, REDUCE: tl.constexpr, HIST: tl.constexpr,
                          MOMENTS: tl.constexpr, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr,
                          BLOCK_K: tl.constexpr):
-        """One program. REDUCE: sum kernel 1's rows (else read ``mom_ptr``); MOMENTS: write the packed
-        moments; UPDATE: EMA, counters and the next weight table (SPEC steps 6-7)."""
+        """One program: :func:`_finalize`."""
+        _finalize(part_ptr, n_parts, stride, out_ptr, batch, mom_ptr, params_ptr, M_ptr, Q_ptr, Z_ptr, C_ptr, W_ptr,
+                  step_ptr, bad_ptr, K, ACC, REDUCE, HIST, MOMENTS, UPDATE, BLOCK_P, BLOCK_K)
+
+    @triton.jit
+    def _finalize(part_ptr, n_parts, stride, out_ptr, batch, mom_ptr, params_ptr, M_ptr, Q_ptr, Z_ptr, C_ptr, W_ptr,
+                  step_ptr, bad_ptr, K, ACC: tl.constexpr, REDUCE: tl.constexpr, HIST: tl.constexpr,
+                  MOMENTS: tl.constexpr, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+        """REDUCE: sum the partial rows (else read ``mom_ptr``); MOMENTS: write the packed moments;
+        UPDATE: EMA, counters and the next weight table (SPEC steps 6-7). Run by one program."""
         rows = tl.arange(0, BLOCK_P)
         lanes = tl.arange(0, BLOCK_K)
         if REDUCE:
@@ -289,6 +334,69 @@ if triton is not None:
 
 
     @triton.jit
+    def _fused_step_kernel(loss_ptr, lam_ptr, weight_ptr, w_ptr, part_ptr, ticket_ptr, out_ptr, params_ptr, M_ptr,
+                           Q_ptr, Z_ptr, C_ptr, step_ptr, bad_ptr, batch, blocks_per_program, stride, K, tiles,
+                           ACC: tl.constexpr, BLOCK_B: tl.constexpr, HI: tl.constexpr, LO: tl.constexpr,
+                           KP: tl.constexpr, FINAL_P: tl.constexpr, FINAL_K: tl.constexpr):
+        """The whole training step in one launch. Program p writes the partial row of its samples
+        (layout of ``_bin_partials_kernel``); the last program to finish reduces the rows in a fixed
+        order and updates the state (:func:`_finalize`)."""
+        pid = tl.program_id(0)
+        lmin = tl.load(params_ptr + LMIN).to(tl.float32)
+        bin_scale = tl.load(params_ptr + BIN_SCALE).to(tl.float32)
+        lanes = tl.arange(0, BLOCK_B)
+        # Factorised one-hot, bin = LO * hi + lo: a tile of HI * LO bins is the float64 product of a
+        # [2 HI, BLOCK_B] left operand (L in the s rows, L^2 in the q rows, where the sample's hi
+        # matches the row) and the [BLOCK_B, LO] one-hot of lo. Every product is x * 1 or x * 0, so
+        # exact; the sums are in float64 like the reference's.
+        rows = tl.arange(0, 2 * HI)
+        row_hi = rows % HI
+        row_q = rows >= HI
+        lo = tl.arange(0, LO)
+        first = pid.to(tl.int64) * blocks_per_program * BLOCK_B
+        row = part_ptr + pid.to(tl.int64) * stride
+        n_acc = tl.zeros([KP], dtype=tl.int32)
+        out_acc = tl.zeros([BLOCK_B], dtype=tl.float64)
+        bad_acc = tl.zeros([BLOCK_B], dtype=tl.int32)
+        for tile in range(0, tiles):  # one tile up to HI * LO bins: every sample is read once
+            sq_acc = tl.zeros([2 * HI, LO], dtype=tl.float64)
+            for i in range(0, blocks_per_program):
+                offs = first + i * BLOCK_B + lanes
+                mask = offs < batch
+                lam = tl.load(lam_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                loss = tl.load(loss_ptr + offs, mask=mask, other=0.0)
+                idx, lam_nan = _bin(lam, lmin, bin_scale, K)
+                value = loss.to(tl.float64)
+                valid = mask & (value * value <= MAX_STAT_SQUARE) & ~lam_nan  # False for NaN and inf
+                if tile == 0:
+                    # Weights, the weighted sum, the excluded count and the counts (integer histogram).
+                    w = tl.where(lam_nan, 1.0, tl.load(weight_ptr + idx, mask=mask, other=1.0))
+                    tl.store(w_ptr + offs, w, mask=mask)
+                    out_acc += (w.to(ACC) * loss.to(ACC)).to(tl.float64)
+                    bad_acc += (mask & ~valid).to(tl.int32)
+                    n_acc += tl.histogram(idx, KP, mask=valid)
+                # Sums of L and L^2 of this tile's bins.
+                sample = tl.where(valid, value, 0.0)
+                values = tl.where(row_q[:, None], (sample * sample)[None, :], sample[None, :])
+                left = tl.where(row_hi[:, None] == (idx // LO - tile * HI)[None, :], values, 0.0)
+                right = ((idx % LO)[:, None] == lo[None, :]).to(tl.float64)
+                sq_acc = tl.dot(left, right, sq_acc, input_precision="ieee")
+            bins = (tile * HI + row_hi)[:, None] * LO + lo[None, :]
+            tl.store(row + K + row_q.to(tl.int32)[:, None] * K + bins, sq_acc, mask=bins < K)
+        kp = tl.arange(0, KP)
+        tl.store(row + kp, n_acc.to(tl.float64), mask=kp < K)
+        tl.store(row + 3 * K, tl.sum(bad_acc, axis=0).to(tl.float64))
+        tl.store(row + stride - 1, tl.sum(out_acc, axis=0))
+        # Ticket: the row stores of every thread come before the release; the last program acquires them all.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(0) - 1:
+            tl.store(ticket_ptr, 0)  # zero again for the next step (and the next graph replay)
+            _finalize(part_ptr, tl.num_programs(0), stride, out_ptr, batch, part_ptr, params_ptr, M_ptr, Q_ptr,
+                      Z_ptr, C_ptr, weight_ptr, step_ptr, bad_ptr, K, ACC, True, True, False, True, FINAL_P,
+                      FINAL_K)
+
+    @triton.jit
     def _scale_grad_kernel(grad_ptr, w_ptr, out_ptr, batch, inv_b, BLOCK: tl.constexpr):
         """Backward in one launch: ``(float(grad) * w) * (1/B)``, the float32 arithmetic of torch's
         ``grad.float() * w / B`` on CUDA (a division by a host scalar multiplies by its reciprocal)."""
@@ -311,6 +419,10 @@ class TritonBackend(Backend):
         # float64 scalars live on the device (Triton passes Python floats as float32); one
         # upload per (values, device), never per step.
         self._scalars: Dict[Tuple[Tuple[float, ...], torch.device], torch.Tensor] = {}
+        # The fused step's ticket counters (one int32 per device and stream, zero between steps).
+        self._tickets: Dict[Tuple[torch.device, int], torch.Tensor] = {}
+        # True: a training ``step`` is the one-launch ``_fused_step_kernel`` (VARWEIGHT_FUSED_KERNELS).
+        self.fused = fused_kernels_requested()
 
     @property
     def devices(self) -> Tuple[str, ...]:
@@ -386,9 +498,37 @@ class TritonBackend(Backend):
         # Other loss dtypes are cast by torch (its rounding; the interpreter's bf16 cast differs).
         return grad_loss if loss_dtype == torch.float32 else grad_loss.to(loss_dtype)
 
+    def _ticket(self, device: torch.device) -> torch.Tensor:
+        """The ticket counter of the current stream: steps on one stream never overlap, so one suffices."""
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (device, stream)
+        if key not in self._tickets:
+            self._tickets[key] = torch.zeros(1, dtype=torch.int32, device=device)
+        return self._tickets[key]
+
+    def _fused_step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, scalars):
+        """The training step in one launch of ``_fused_step_kernel``."""
+        loss, lam = loss.detach().contiguous(), lam.contiguous()
+        batch, num_bins = loss.numel(), weight.numel()
+        programs, per_program, block_b, hi, tiles, num_warps = fused_geometry(batch, num_bins, KERNELS_INTERPRETED)
+        stride = 3 * num_bins + 2
+        parts = torch.empty((programs, stride), dtype=torch.float64, device=loss.device)
+        w = torch.empty(batch, dtype=torch.float32, device=loss.device)
+        out = torch.empty((), dtype=loss.dtype, device=loss.device)
+        final_k = max(16, min(FINAL_BIN_TILE[KERNELS_INTERPRETED], triton.next_power_of_2(num_bins)))
+        _fused_step_kernel[(programs,)](
+            loss, lam, weight, w, parts, self._ticket(loss.device), out, scalars, M, Q, Z, C, step, nonfinite, batch,
+            per_program, stride, num_bins, tiles, ACC=_acc_dtype(loss), BLOCK_B=block_b, HI=hi, LO=FUSED_LO,
+            KP=triton.next_power_of_2(num_bins), FINAL_P=FINAL_TILE[KERNELS_INTERPRETED] // final_k, FINAL_K=final_k,
+            num_warps=num_warps, enable_fp_fusion=False)
+        return out, w
+
     def step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
-        """Fused step: kernel 1 and one finalize launch (EMA + weight table when training)."""
+        """Fused step: kernel 1 and one finalize launch (EMA + weight table when training), or with
+        ``fused`` in training the one-launch kernel."""
         scalars = self._scalar_tensor(params, loss.device)
+        if self.fused and training:
+            return self._fused_step(loss, lam, M, Q, Z, C, weight, step, nonfinite, scalars)
         w, rows, n_parts, stride = self._partials(loss, lam, weight, scalars, training)
         out = torch.empty((), dtype=loss.dtype, device=loss.device)
         self._finalize(scalars, (M, Q, Z, C, weight, step, nonfinite), weight.numel(), training,
