@@ -23,7 +23,7 @@ from .distributed import DistInfo, broadcast_object, resolve_device
 from .rng import derive_seed
 from .run_dir import checkpoint_dir, say, warn
 
-__all__ = ["to_uint8", "generate", "generate_distributed", "save_grid", "save_persample", "make_scorer",
+__all__ = ["to_uint8", "generate", "generate_distributed", "save_grid", "grid_scale", "save_persample", "make_scorer",
            "Evaluation", "sample_only"]
 
 
@@ -72,12 +72,22 @@ def generate_distributed(cfg, formulation, net, n, shape, device, d: DistInfo, a
     return torch.cat([p.cpu() for p in parts])[:n] if d.main else None
 
 
+GRID_MIN_PIXELS = 64
+
+
+def grid_scale(height: int, width: int) -> int:
+    """The nearest-neighbour upscaling factor of a sample in a grid."""
+    return max(1, -(-GRID_MIN_PIXELS // max(height, width)))
+
+
 def save_grid(images: torch.Tensor, path: str) -> None:
-    """A square PNG grid of uint8 (N, C, H, W) images (upscaled to >= 32 px), written atomically."""
+    """A square PNG grid of uint8 (N, C, H, W) images, written atomically. Each sample is upscaled
+    by an integer nearest-neighbour factor to at least ``GRID_MIN_PIXELS`` (8x8 digits 8x, 32x32
+    CIFAR 2x), so a grid shows the pixels the model made, large enough to see, without smoothing."""
     n, c, h, w = images.shape
     cols = max(1, int(math.ceil(math.sqrt(n))))
     rows = int(math.ceil(n / cols))
-    scale = max(1, 32 // max(h, w))
+    scale = grid_scale(h, w)
     pad = 1
     grid = torch.zeros(c, rows * (h * scale + pad) + pad, cols * (w * scale + pad) + pad, dtype=torch.uint8)
     for i in range(n):
