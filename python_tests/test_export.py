@@ -1,5 +1,5 @@
-"""Weights users can open (``--export``, ``load_pretrained``) on one tiny digits run, and
-upscaled sample grids.
+"""Weights users can open (``--export``, ``load_pretrained``), upscaled sample grids and the run's
+``index.md``, on one tiny digits run.
 
 Done when an exported file loads into a fresh network with ``strict=True`` and gives bitwise the
 samples ``--sample-only`` writes for the same seed.
@@ -124,7 +124,7 @@ def test_export_cli_errors_are_one_line(run, tmp_path, capsys):
 
 
 def test_grids_upscale_small_samples(tmp_path):
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
     assert (grid_scale(8, 8), grid_scale(32, 32), grid_scale(28, 28), grid_scale(64, 64), grid_scale(256, 256)) \
         == (8, 2, 3, 1, 1)
     images = torch.arange(4 * 8 * 8, dtype=torch.uint8).reshape(4, 1, 8, 8)
@@ -133,3 +133,26 @@ def test_grids_upscale_small_samples(tmp_path):
     assert grid.shape == (2 * 65 + 1, 2 * 65 + 1)
     first = grid[1:65, 1:65]
     assert np.array_equal(first, images[0, 0].numpy().repeat(8, 0).repeat(8, 1))  # nearest neighbour
+
+
+def test_run_index_links_what_the_run_holds(run):
+    index = (run / "index.md").read_text()
+    for link in ("(<config.json>)", "(<metrics.jsonl>)", "(<samples.png>)", "(<samples_step00000004.png>)",
+                 "(<binstats.npz>)", "(<persample.npz>)", "(<samples.npz>)", "(<checkpoints/ckpt_00000004.pt>)",
+                 "(<ema.safetensors>)", "(<raw.pt>)", "(<raw.pt.json>)"):
+        assert link in index, link
+    assert "Finished (step 4)" in index and "| weighting | uniform |" in index
+    assert "| loss |" in index and "Experiment report" not in index
+
+
+def test_the_experiment_report_is_linked_from_its_runs_index(run, tmp_path):
+    from varweight_kernels.experiments.report import build_report
+    exp = tmp_path / "exp"
+    seed_dir = exp / "runs" / "uniform" / "seed0"
+    shutil.copytree(run, seed_dir)
+    build_report(str(exp))
+    index = (seed_dir / "index.md").read_text()
+    figures = sorted((exp / "report").glob("*.png"))
+    assert "(<../../../report.md>)" in index and figures
+    for figure in figures:
+        assert f"![{figure.name}](<../../../report/{figure.name}>)" in index

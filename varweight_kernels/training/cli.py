@@ -17,6 +17,7 @@ from .distributed import DistInfo
 from .export import export_run
 from .loop import Callbacks, train
 from .run_dir import read_saved_config
+from .run_index import write_run_index
 from .sampling import sample_only
 
 __all__ = ["parse_config", "main"]
@@ -46,6 +47,8 @@ def main(argv: Optional[List[str]] = None, callbacks: Optional[Callbacks] = None
             export_run(cfg)
         if not (cfg.sample_only or cfg.export):
             train(cfg, callbacks)
+        elif d.main:
+            write_run_index(cfg.out)
         return 0
     except (TrainError, ConfigError, CheckpointError) as exc:
         if d.main or not isinstance(exc, ConfigError):
