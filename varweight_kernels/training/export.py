@@ -84,7 +84,7 @@ def export_run(cfg: TrainConfig) -> str:
     suffix = _suffix(path)
     run = load_run_network(cfg, cfg.export_weights)
     run_cfg = run.config
-    # contiguous copies: safetensors refuses shared or strided storage (e.g. channels_last on CUDA)
+    # independent contiguous CPU copies: safetensors refuses shared or strided storage
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in run.net.state_dict().items()}
     data = _encode(tensors, suffix)
     arch, network = network_spec(run_cfg, run.formulation)
