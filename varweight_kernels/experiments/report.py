@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..training.checkpoint import atomic_write_bytes
+from ..training.run_index import write_run_index
 from . import dynamics as dyn
 from . import stats as st
 from .dynamics import fmt
@@ -305,6 +306,8 @@ def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = No
                                            metric_label),
                    dyn.why_markdown(looks, roles, paired, metric_label, why_figure))
     atomic_write_bytes(report_md, md.encode())
+    for r in runs:  # each run's index.md now links the report's figures
+        write_run_index(str(r.path))
     return {"metric": metric, "summary": summary, "paired": {k: v.to_dict() for k, v in paired.items()},
             "figures": {k: str(report_md.parent / v) for k, v in figs.items()}, "report": str(report_md),
             "verdicts": {k: st.describe_paired(v, metric_label) for k, v in paired.items()},

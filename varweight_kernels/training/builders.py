@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Callable, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
 from .config import TrainConfig, TrainError
 from .rng import derive_seed
 
-__all__ = ["load_data", "build_model", "build_weighting", "build_noise_sampler", "build_batches", "build_optimizer",
-           "EMA", "autocast_context"]
+__all__ = ["load_data", "network_spec", "build_model", "build_weighting", "build_noise_sampler", "build_batches",
+           "build_optimizer", "EMA", "autocast_context"]
 
 
 def load_data(cfg: TrainConfig) -> torch.Tensor:
@@ -28,16 +28,23 @@ def load_data(cfg: TrainConfig) -> torch.Tensor:
     return images
 
 
+def network_spec(cfg: TrainConfig, formulation) -> Tuple[str, Dict[str, Any]]:
+    """``(arch, kwargs)`` of ``unet.build_unet``: the network a config asks for, with nothing left
+    to resolve ("auto" embedding made concrete), so exported weights can be rebuilt from it alone."""
+    embedding = formulation.recommended_embedding if cfg.embedding == "auto" else cfg.embedding
+    return "ddpm", {"base_channels": cfg.channels, "channel_mults": list(cfg.channel_mults),
+                    "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": list(cfg.attn_resolutions),
+                    "dropout": cfg.dropout, "embedding": embedding}
+
+
 def build_model(cfg: TrainConfig, in_channels: int, image_size: int, formulation) -> torch.nn.Module:
     """The U-Net, initialised from the "init" stream (rank 0's on every rank; global RNG restored)."""
-    from .unet import UNet
-    embedding = formulation.recommended_embedding if cfg.embedding == "auto" else cfg.embedding
+    from .unet import build_unet
+    arch, kwargs = network_spec(cfg, formulation)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init", 0))
         try:
-            return UNet(in_channels, image_size, base_channels=cfg.channels, channel_mults=cfg.channel_mults,
-                        num_res_blocks=cfg.num_res_blocks, attn_resolutions=cfg.attn_resolutions,
-                        dropout=cfg.dropout, embedding=embedding)
+            return build_unet(arch, in_channels, image_size, **kwargs)
         except ValueError as exc:
             raise TrainError(f"bad model size: {exc}") from None
 

@@ -1,4 +1,5 @@
-"""The command line of ``train_cifar.py``: flags -> ``TrainConfig`` -> ``train`` or ``sample_only``.
+"""The command line of ``train_cifar.py``: flags -> ``TrainConfig`` -> ``train``, or ``sample_only``
+and/or ``export_run``.
 
 Every user-facing failure (``TrainError``, ``ConfigError``, ``CheckpointError``) is one line on
 stderr and a non-zero exit status; never a traceback.
@@ -13,19 +14,22 @@ import torch.distributed as dist
 from .checkpoint import CheckpointError
 from .config import ConfigError, TrainConfig, TrainError, build_parser, explicit_flags, resolve_config
 from .distributed import DistInfo
+from .export import export_run
 from .loop import Callbacks, train
 from .run_dir import read_saved_config
+from .run_index import write_run_index
 from .sampling import sample_only
 
 __all__ = ["parse_config", "main"]
 
 
 def parse_config(argv: Optional[List[str]] = None, prog: str = "train_cifar.py") -> TrainConfig:
-    """flag > preset > default; on --resume / --sample-only the saved run's config replaces the defaults."""
+    """flag > preset > default; on --resume / --sample-only / --export the saved run's config replaces
+    the defaults."""
     args = build_parser(prog).parse_args(argv)
     flags = explicit_flags(args)
     base = None
-    if flags.get("resume") or flags.get("sample_only"):
+    if flags.get("resume") or flags.get("sample_only") or flags.get("export"):
         out = flags.get("out", TrainConfig().out)
         base = read_saved_config(out)
         base = base.replace({"resume": False, "overwrite": False, "sample_only": False})
@@ -39,8 +43,12 @@ def main(argv: Optional[List[str]] = None, callbacks: Optional[Callbacks] = None
         cfg = parse_config(argv)
         if cfg.sample_only:
             sample_only(cfg)
-        else:
+        if cfg.export:
+            export_run(cfg)
+        if not (cfg.sample_only or cfg.export):
             train(cfg, callbacks)
+        elif d.main:
+            write_run_index(cfg.out)
         return 0
     except (TrainError, ConfigError, CheckpointError) as exc:
         if d.main or not isinstance(exc, ConfigError):

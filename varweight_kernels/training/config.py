@@ -133,6 +133,9 @@ class TrainConfig:
     fid_weights: str = field(default="", metadata={"help": "local Inception weights file for FID"})
     sample_only: bool = field(default=False, metadata={"help": "write samples.npz + PNG from the EMA weights of --out and exit"})
     num_samples: int = field(default=64, metadata={"help": "images for --sample-only"})
+    export: str = field(default="", metadata={"help": "write the network weights of --out to PATH (.safetensors or "
+                                                      ".pt; PATH.json: what rebuilds the network) and exit"})
+    export_weights: str = field(default="ema", metadata={"help": "the weights --export writes: ema | raw"})
     # ---- logging / checkpoints -------------------------------------------------------------
     log_every: int = field(default=100, metadata={"help": "metrics.jsonl + binstats.npz every N steps"})
     ckpt_every: int = field(default=2000, metadata={"help": "checkpoint every N steps (and at the end)"})
@@ -192,7 +195,7 @@ class TrainConfig:
         choices = {"dataset": DATASETS, "weighting": WEIGHTINGS, "formulation": FORMULATIONS,
                    "noise_sampling": NOISE_SAMPLINGS, "sampler": SAMPLERS, "backend": VAW_BACKENDS,
                    "embedding": ("auto", "fourier", "positional"), "amp": ("auto", "bf16", "fp32"),
-                   "vaw_prior": ("none", "cauchy")}
+                   "vaw_prior": ("none", "cauchy"), "export_weights": ("ema", "raw")}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -306,6 +309,7 @@ RESUME_MUTABLE = frozenset({
     "preset", "out", "resume", "overwrite", "device", "quiet", "compile", "amp", "data_root", "download",
     "steps", "log_every", "ckpt_every", "keep_ckpts", "max_nonfinite", "backend", "sampler", "sample_steps",
     "rho", "sample_every", "grid_size", "analysis_batches", "fid_every", "fid_samples", "fid_weights", "sample_only", "num_samples",
+    "export", "export_weights",
 })
 
 

@@ -42,6 +42,7 @@ from .distributed import DistInfo, all_reduce_sum, average_gradients, init_distr
 from .rng import derive_seed, make_generators
 from .run_dir import (MetricsLog, accumulate, check_run_folder, clear_run, format_record, interval_record,
                       latest_checkpoint, mark_done, new_accumulator, say, write_run_config)
+from .run_index import write_run_index
 from .sampling import Evaluation
 from .signals import StopSignal
 from .state import TrainState
@@ -226,13 +227,14 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
                     f"{last_ckpt}; continue with --resume", not d.main)
                 return {"status": "interrupted", "step": step, "checkpoint": last_ckpt}
 
-    # -- the end: a final grid, the DONE marker ---------------------------------------------------
+    # -- the end: a final grid, the DONE marker, index.md ------------------------------------------
     if pbar is not None:
         pbar.close()
     last_ckpt = last_ckpt or latest_checkpoint(out)  # None: resumed a finished run
     if d.main:
         evaluation.finish(state.step, ema.module, images)
         mark_done(out, state.step)
+        write_run_index(out)
     log.close()
     callbacks.on_end({"model": raw_model, "ema": ema.module, "weighting": weighting, "observer": observer,
                       "noise_sampler": noise_sampler, "step": state.step})

@@ -26,7 +26,8 @@ __all__ = ["RUN_FILES", "TIMING_FIELDS", "LOG_FIELDS", "checkpoint_dir", "latest
            "write_run_config", "mark_done", "MetricsLog", "new_accumulator", "accumulate", "interval_record",
            "format_record", "say", "warn"]
 
-RUN_FILES = ("config.json", "metrics.jsonl", "binstats.npz", "persample.npz", "DONE", "samples.npz", "samples.png")
+RUN_FILES = ("config.json", "metrics.jsonl", "binstats.npz", "persample.npz", "DONE", "samples.npz", "samples.png",
+             "index.md")
 TIMING_FIELDS = ("images_per_s", "elapsed_s")  # the only fields a resumed run does not reproduce
 LOG_FIELDS = ("loss", "weighted_loss", "lr", "grad_norm", "images_per_s", "elapsed_s", "nonfinite", "skipped_steps",
               "nonfinite_samples", "epoch", "vaw_weight_min", "vaw_weight_max", "final")

@@ -10,7 +10,7 @@ import contextlib
 import io
 import math
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ from .distributed import DistInfo, broadcast_object, resolve_device
 from .rng import derive_seed
 from .run_dir import checkpoint_dir, say, warn
 
-__all__ = ["to_uint8", "generate", "generate_distributed", "save_grid", "save_persample", "make_scorer",
-           "Evaluation", "sample_only"]
+__all__ = ["to_uint8", "generate", "generate_distributed", "save_grid", "grid_scale", "save_persample", "make_scorer",
+           "Evaluation", "RunNetwork", "load_run_network", "sample_only"]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +72,22 @@ def generate_distributed(cfg, formulation, net, n, shape, device, d: DistInfo, a
     return torch.cat([p.cpu() for p in parts])[:n] if d.main else None
 
 
+GRID_MIN_PIXELS = 64
+
+
+def grid_scale(height: int, width: int) -> int:
+    """The nearest-neighbour upscaling factor of a sample in a grid."""
+    return max(1, -(-GRID_MIN_PIXELS // max(height, width)))
+
+
 def save_grid(images: torch.Tensor, path: str) -> None:
-    """A square PNG grid of uint8 (N, C, H, W) images (upscaled to >= 32 px), written atomically."""
+    """A square PNG grid of uint8 (N, C, H, W) images, written atomically. Each sample is upscaled
+    by an integer nearest-neighbour factor to at least ``GRID_MIN_PIXELS`` (8x8 digits 8x, 32x32
+    CIFAR 2x), so a grid shows the pixels the model made, large enough to see, without smoothing."""
     n, c, h, w = images.shape
     cols = max(1, int(math.ceil(math.sqrt(n))))
     rows = int(math.ceil(n / cols))
-    scale = max(1, 32 // max(h, w))
+    scale = grid_scale(h, w)
     pad = 1
     grid = torch.zeros(c, rows * (h * scale + pad) + pad, cols * (w * scale + pad) + pad, dtype=torch.uint8)
     for i in range(n):
@@ -195,19 +205,23 @@ class Evaluation:
                            os.path.join(self.cfg.out, "persample.npz"))
 
 
-def sample_only(cfg: TrainConfig) -> str:
-    """Write ``samples.npz`` (key "images", uint8 NHWC) and ``samples.png`` from the EMA weights of
-    the latest good checkpoint in ``cfg.out``. Returns the npz path."""
+class RunNetwork(NamedTuple):
+    """A run's network as its latest good checkpoint holds it (on the CPU, eval mode)."""
+    net: torch.nn.Module
+    config: TrainConfig      # the run's config; the caller's sampling and device fields win
+    formulation: Any
+    image_shape: Tuple[int, int, int]
+    checkpoint: str
+    step: int
+
+
+def load_run_network(cfg: TrainConfig, which: str = "ema") -> RunNetwork:
+    """The ``which`` ("ema" or "raw") weights of the latest good checkpoint in ``cfg.out``, loaded
+    strictly into the network its saved config builds."""
     from .formulations import make_formulation
-    d = DistInfo()
-    if not d.main:
-        return ""
-    cfg = cfg.validate()
-    out = cfg.out
-    path, state = ckpt.load_latest_good(checkpoint_dir(out), warn=warn, quarantine=False)
+    path, state = ckpt.load_latest_good(checkpoint_dir(cfg.out), warn=warn, quarantine=False)
     run_cfg = TrainConfig.from_dict(state.get("config", {})).replace(
         {k: getattr(cfg, k) for k in ("device", "sampler", "sample_steps", "rho", "num_samples", "amp")})
-    device = resolve_device(run_cfg, d)
     formulation = make_formulation(run_cfg.formulation, **run_cfg.formulation_kwargs())
     try:
         in_ch, size, _ = (int(v) for v in state["image_shape"])
@@ -215,17 +229,31 @@ def sample_only(cfg: TrainConfig) -> str:
         raise TrainError(f"checkpoint {path} lacks the image shape") from None
     net = build_model(run_cfg, in_ch, size, formulation)
     try:
-        net.load_state_dict(state["ema"])
-    except RuntimeError as exc:
+        net.load_state_dict(state["ema" if which == "ema" else "model"])
+    except (KeyError, RuntimeError) as exc:
         raise TrainError(f"checkpoint {path} does not fit its config: {str(exc).splitlines()[0]}") from None
-    net = net.to(device).eval()
+    return RunNetwork(net.eval(), run_cfg, formulation, (in_ch, size, size), path, int(state["step"]))
+
+
+def sample_only(cfg: TrainConfig) -> str:
+    """Write ``samples.npz`` (key "images", uint8 NHWC) and ``samples.png`` from the EMA weights of
+    the latest good checkpoint in ``cfg.out``. Returns the npz path."""
+    d = DistInfo()
+    if not d.main:
+        return ""
+    cfg = cfg.validate()
+    out = cfg.out
+    run = load_run_network(cfg, "ema")
+    run_cfg = run.config
+    device = resolve_device(run_cfg, d)
+    net = run.net.to(device)
     g = torch.Generator().manual_seed(derive_seed(run_cfg.seed, "sample", 0))
-    imgs = generate(run_cfg, formulation, net, cfg.num_samples, (in_ch, size, size), device, g,
+    imgs = generate(run_cfg, run.formulation, net, cfg.num_samples, run.image_shape, device, g,
                     autocast=autocast_context(run_cfg, device))
     npz = os.path.join(out, "samples.npz")
     buf = io.BytesIO()
     np.savez(buf, images=imgs.permute(0, 2, 3, 1).contiguous().numpy())
     ckpt.atomic_write_bytes(npz, buf.getbuffer())
     save_grid(imgs[: max(1, min(len(imgs), cfg.grid_size))], os.path.join(out, "samples.png"))
-    say(f"wrote {len(imgs)} samples from {path} (EMA, step {state['step']}) to {npz}", cfg.quiet)
+    say(f"wrote {len(imgs)} samples from {run.checkpoint} (EMA, step {run.step}) to {npz}", cfg.quiet)
     return npz
