@@ -57,19 +57,21 @@ class VarianceAwareWeighting(nn.Module):
     # -- the step ---------------------------------------------------------------------------
     def forward(self, loss: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         self._check_inputs(loss, lam)
-        buffers = self._buffers  # direct dict access: this runs every step and must stay cheap
-        out, w = vaw(loss, lam, [buffers[name] for name in STATE_NAMES], self._params, self.training, self.sync,
-                     self.backend)
+        b = self._buffers  # direct dict access, spelled out: this runs every step and must stay cheap
+        state = (b["M"], b["Q"], b["Z"], b["C"], b["weight"], b["step"], b["nonfinite"])  # STATE_NAMES
+        out, w = vaw(loss, lam, state, self._params, self.training, self.sync, self.backend)
         if not torch.compiler.is_exporting():  # an exported program has no attribute to set
             self.__dict__["last_weights"] = w
         return out
 
     def _check_inputs(self, loss: torch.Tensor, lam: torch.Tensor) -> None:
         # One expression for the common case (this runs every step); the messages only on failure.
+        state = self._buffers["M"]
         try:
-            ok = (len(loss.shape) == 1 and lam.shape == loss.shape and loss.shape[0] > 0
+            ok = (loss.dim() == 1 and lam.shape == loss.shape and loss.numel() > 0
                   and loss.dtype.is_floating_point and lam.dtype.is_floating_point
-                  and lam.device == loss.device == self._buffers["M"].device)
+                  and lam.get_device() == loss.get_device() == state.get_device()  # CUDA index, else -1
+                  and lam.is_cpu == loss.is_cpu == state.is_cpu)
         except AttributeError:
             ok = False
         if not ok:

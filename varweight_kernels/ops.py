@@ -44,7 +44,7 @@ def sync_moments(moments: torch.Tensor) -> None:
 
 
 def _splits_for_ddp(training: bool, sync: bool) -> bool:
-    return training and sync and distributed_world() > 1
+    return training and sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _run(impl: Backend, loss, lam, state, params: Sequence[float], training: bool, split: bool):
