@@ -1,8 +1,8 @@
 """The ablation of issue #17: where does VAW help? Every variant against uniform, paired seeds.
 
 ``python -m varweight_kernels.experiments ablation --out EXP --seeds 0 1 2 3 4 --jobs 2 --report``
-runs the preset ``digits-ablation`` (8x8 digits, 600 steps, the digits score at 100, 200, 300,
-450 and 600 steps) for every variant below; finished runs are skipped, interrupted ones resumed.
+runs the preset ``digits-ablation`` (8x8 digits, 400 steps, the digits score at 100, 200, 300
+and 400 steps) for every variant below; finished runs are skipped, interrupted ones resumed.
 
 The variants, as plain data (label -> weighting and its flags):
 - baselines and controls: ``uniform``; ``uniform`` at the learning rate scaled by the mean
