@@ -84,8 +84,9 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
     init_distributed(d, device)
     cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        if cfg.amp != "fp32":  # fp32 keeps PyTorch's default TF32 switches, as the paper's code did
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     autocast = autocast_context(cfg, device)
     quiet = cfg.quiet or not d.main
@@ -145,7 +146,7 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
             x0 = to_model_range(next(batches))
             if cuda:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            level, lam, is_weight = noise_sampler.sample(local_bs, gens["levels"], device)
+            level, lam, is_weight = noise_sampler.sample(x0.shape[0], gens["levels"], device)  # short last batch
             noise = torch.randn(x0.shape, generator=gens["noise"]).to(device)
             callbacks.on_batch(step, {"x0": x0, "level": level, "lam": lam, "noise": noise, "is_weight": is_weight,
                                       "model": raw_model})
@@ -166,7 +167,7 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
                 terms.loss.detach().float().sum().double(), loss.detach().double(),
                 (~torch.isfinite(loss.detach())).double(),
                 torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=loss.device)]), d).tolist()
-            mean_loss, mean_wloss, gnorm = loss_sum / cfg.batch_size, wloss_sum / d.world, float(grad_norm)
+            mean_loss, mean_wloss, gnorm = loss_sum / (x0.shape[0] * d.world), wloss_sum / d.world, float(grad_norm)
             finite = nonfinite == 0 and math.isfinite(gnorm)
             if finite:
                 optimizer.step()
