@@ -306,6 +306,12 @@ def test_final_persample_analysis_is_written(tmp_path):
     assert a["lam"].shape == a["loss"].shape == (3 * TINY["batch_size"],)
     assert np.isfinite(a["loss"]).all() and (a["loss"] >= 0).all()
     np.testing.assert_array_equal(a["lam"], b["lam"])  # same seed: same analysis noise levels
+    # the raw (non-EMA) model and the weighted losses too (issue 15); uniform weighs everything 1
+    assert set(a.files) == {"lam", "loss", "weighted_loss", "raw_loss", "raw_weighted_loss"}
+    np.testing.assert_array_equal(a["weighted_loss"], a["loss"])
+    np.testing.assert_array_equal(a["raw_weighted_loss"], a["raw_loss"])
+    assert not np.array_equal(a["raw_loss"], a["loss"])  # EMA decay 0.9: the models differ
+    assert np.isfinite(b["raw_weighted_loss"]).all() and b["raw_weighted_loss"].shape == b["lam"].shape
     train(tiny(tmp_path / "c", steps=2, analysis_batches=0))
     assert not (tmp_path / "c" / "persample.npz").exists()
 

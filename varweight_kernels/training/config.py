@@ -138,8 +138,8 @@ class TrainConfig:
     sample_every: int = field(default=0, metadata={"help": "write a sample grid every N steps (0: only at the end)"})
     grid_size: int = field(default=64, metadata={"help": "images in a sample grid"})
     analysis_batches: int = field(default=200, metadata={
-        "help": "at the end, save the unweighted per-sample (lam, loss) of the EMA model over N batches "
-                "to persample.npz (the paper's 200-batch variance analysis; 0: off)"})
+        "help": "at the end, save the per-sample lam and losses (unweighted and weighted) of the EMA and the "
+                "raw model over N batches to persample.npz (the paper's 200-batch variance analysis; 0: off)"})
     fid_every: int = field(default=0, metadata={"help": "FID (or the digits metric) every N steps (0: never)"})
     fid_samples: int = field(default=5000, metadata={"help": "samples per FID evaluation"})
     fid_steps: Tuple[int, ...] = field(default=(), metadata={

@@ -233,7 +233,7 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
         pbar.close()
     last_ckpt = last_ckpt or latest_checkpoint(out)  # None: resumed a finished run
     if d.main:
-        evaluation.finish(state.step, ema.module, images)
+        evaluation.finish(state.step, ema.module, images, raw_model, weighting)
         mark_done(out, state.step)
         write_run_index(out)
     log.close()

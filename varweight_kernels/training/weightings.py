@@ -105,6 +105,11 @@ class Weighting(nn.Module):
     def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
         return self.objective(terms, lam)
 
+    def analysis_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        """The (B,) weights this weighting gives (terms, lam) now, leaving its state as it is:
+        the per-sample analysis weighs a trained model's losses with them."""
+        return self.sample_weights(terms, lam).detach()
+
     def bin_weights(self) -> Optional[torch.Tensor]:
         """The per-log-SNR-bin weight table, for weightings that keep one (logged to binstats)."""
         return None
@@ -158,6 +163,16 @@ class VAWWeighting(Weighting):
         power = self.power_start + done * (self.power_end - self.power_start)
         if power != self.vaw.config.power:
             self.vaw.reconfigure(power=power)
+
+    def analysis_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        """The current table's weights (eval mode: the statistics are not updated)."""
+        was_training = self.vaw.training
+        self.vaw.eval()
+        try:
+            self.vaw(terms.loss.detach(), lam.detach().to(terms.loss.device))
+        finally:
+            self.vaw.train(was_training)
+        return self.vaw.last_weights.detach()
 
     def bin_weights(self) -> torch.Tensor:
         return self.vaw.weight
@@ -296,6 +311,10 @@ class EDM2Weighting(Weighting):
         """u(lam), shape (B,)."""
         feats = self.features(lam.to(self.freqs.device))
         return (feats @ self.weight.t() + self.bias).reshape(-1)
+
+    def analysis_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        """``exp(-u(lam))``: the weight on the loss (the objective's ``+ u`` is not a weight)."""
+        return torch.exp(-self.logvar(lam)).detach().to(terms.loss.device)
 
     def objective(self, terms, lam: torch.Tensor, is_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         u = self.logvar(lam).to(terms.loss.device)
