@@ -399,3 +399,20 @@ def test_sigma_data_convention_makes_min_snr_5_act_like_min_snr_20():
     torch.testing.assert_close(p2, 1.0 / (1.0 + 4.0 * snr))  # knee at published SNR 1, sigma = 1
     with pytest.raises(ValueError, match="snr_scale"):
         make_weighting("p2", snr_scale=0.0)
+
+
+def test_analysis_weights_leave_the_weighting_as_it_is():
+    """The per-sample analysis weighs a trained model's losses without moving VAW's statistics."""
+    lam = torch.linspace(-4, 4, 16)
+    t = LossTerms(torch.rand(16, generator=torch.Generator().manual_seed(0)), torch.ones(16), torch.ones(16))
+    for kw in ({}, {"prior_alpha": 0.05}):
+        w = make_weighting("vaw", num_bins=4, min_count=1, backend="reference", **kw)
+        for _ in range(3):
+            w.objective(t, lam)
+        before = {k: v.clone() for k, v in w.state_dict().items() if isinstance(v, torch.Tensor)}
+        weights = w.analysis_weights(t, lam)
+        assert w.vaw.training and all(torch.equal(v, w.state_dict()[k]) for k, v in before.items())
+        cauchy = make_weighting("seed-cauchy", alpha=0.05).sample_weights(t, lam) if kw else torch.ones(16)
+        torch.testing.assert_close(weights, w.vaw.last_weights * cauchy)
+    edm2 = make_weighting("edm2", channels=4)
+    torch.testing.assert_close(edm2.analysis_weights(t, lam), torch.exp(-edm2.logvar(lam)).detach())

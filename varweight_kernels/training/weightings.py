@@ -165,14 +165,18 @@ class VAWWeighting(Weighting):
             self.vaw.reconfigure(power=power)
 
     def analysis_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
-        """The current table's weights (eval mode: the statistics are not updated)."""
+        """The current table's weights (eval mode: the statistics are not updated), times the
+        prior's where there is one."""
         was_training = self.vaw.training
         self.vaw.eval()
         try:
             self.vaw(terms.loss.detach(), lam.detach().to(terms.loss.device))
         finally:
             self.vaw.train(was_training)
-        return self.vaw.last_weights.detach()
+        weights = self.vaw.last_weights.detach()
+        if self.prior is not None:
+            weights = weights * self.prior.sample_weights(terms, lam).to(weights.dtype)
+        return weights
 
     def bin_weights(self) -> torch.Tensor:
         return self.vaw.weight
