@@ -102,3 +102,19 @@ def test_bench_gpu_helpers():
     text = bench_gpu.markdown(info, rows, checks)
     assert "| 1024 | 64 | reference |" in text and "failed: RuntimeError: boom" in text
     assert "RuntimeError: capture" in text
+
+
+def test_images_per_s_runs_both_loops_on_cpu(tmp_path):
+    """The GPU throughput script's code paths, on CPU with the paper's net on 8x8 random images."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _load("images_per_s").main(["--device", "cpu", "--preset", "digits-smoke", "--arch", "paper",
+                                           "--channels", "32", "--image-size", "8", "--in-channels", "1",
+                                           "--num-images", "64", "--warmup", "1", "--steps", "2", "--log-every", "1",
+                                           "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "images_per_s.json").read_text())
+    assert result["arch"] == "paper" and result["ours_images_per_s"] > 0 and result["minimal_images_per_s"] > 0
+    assert "| ours (train_cifar) |" in (tmp_path / "images_per_s.md").read_text()

@@ -277,3 +277,55 @@ def test_run_and_report_end_to_end(tmp_path):
     assert {p.name for p in pngs} >= {"metric_vs_step.png", "loss_vs_logsnr.png", "variance_heatmap.png",
                                       "vaw_weights.png"}
     assert all(p.stat().st_size > 1000 for p in pngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 15: the paper's variance analysis as a report option
+def test_paper_variance_bins_per_seed_with_population_variance():
+    from varweight_kernels.experiments.variance import minus_two_log_sigma, per_seed_bins
+
+    # 30 bins of two samples each, losses (k, k + 2): population variance 1 (ddof 1 would give 2)
+    x = np.repeat(np.arange(30.0), 2) + np.tile([0.1, 0.2], 30)
+    loss = np.repeat(np.arange(30.0), 2) + np.tile([0.0, 2.0], 30)
+    out = per_seed_bins(x, loss)
+    np.testing.assert_allclose(out["var"], 1.0)
+    np.testing.assert_allclose(out["mean"], np.arange(30.0) + 1.0)
+    # edges are the seed's own: a shifted seed fills all 30 bins too (pooled edges would not)
+    shifted = per_seed_bins(x + 100.0, loss)
+    assert np.isfinite(shifted["var"]).all() and shifted["center"][0] > 99
+    # EDM's lam = log(sd^2/sigma^2): sigma = 1 is lam = 2 log 0.5, i.e. -2 log sigma = 0
+    assert minus_two_log_sigma(np.array([2 * math.log(0.5)]), {"formulation": "edm", "sigma_data": 0.5})[0] == \
+        pytest.approx(0.0, abs=1e-12)
+
+
+def test_paper_analysis_report_from_a_tiny_digits_experiment(tmp_path):
+    """Real runs (digits, 2 steps, uniform and seed-cauchy, 2 seeds) -> the per-seed quantile-binned
+    variance figure beside our own analysis."""
+    import torch
+
+    from tiny_runs import tiny
+    from varweight_kernels.training.loop import train
+
+    exp = tmp_path / "exp"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for method in ("uniform", "seed-cauchy"):
+            for seed in (0, 1):
+                train(tiny(exp / "runs" / method / f"seed{seed}", weighting=method, seed=seed, steps=2,
+                           analysis_batches=8))
+    finally:
+        torch.set_num_threads(threads)
+    out = build_report(str(exp), paper_analysis=True)
+    curves = out["paper_variance"]
+    assert set(curves) == {"uniform", "seed-cauchy"}
+    for c in curves.values():
+        assert c["center"].shape == (30,) and (c["n"] == 2).all() and np.isfinite(c["var"]).all()
+    figure = exp / "report" / "variance_comparison.png"
+    assert figure.stat().st_size > 1000 and (exp / "report" / "loss_vs_logsnr.png").exists()
+    md = (exp / "report.md").read_text()
+    assert "## The paper's variance analysis" in md and "report/variance_comparison.png" in md
+    rows = (exp / "report" / "variance_paper.csv").read_text().splitlines()
+    assert rows[0].startswith("label,bin,minus_2_log_sigma_center") and len(rows) == 1 + 2 * 30
+    # without the option the report is as before
+    assert "paper_variance" in build_report(str(exp)) and "## The paper's" not in (exp / "report.md").read_text()

@@ -306,5 +306,50 @@ def test_final_persample_analysis_is_written(tmp_path):
     assert a["lam"].shape == a["loss"].shape == (3 * TINY["batch_size"],)
     assert np.isfinite(a["loss"]).all() and (a["loss"] >= 0).all()
     np.testing.assert_array_equal(a["lam"], b["lam"])  # same seed: same analysis noise levels
+    # the raw (non-EMA) model and the weighted losses too (issue 15); uniform weighs everything 1
+    assert set(a.files) == {"lam", "loss", "weighted_loss", "raw_loss", "raw_weighted_loss"}
+    np.testing.assert_array_equal(a["weighted_loss"], a["loss"])
+    np.testing.assert_array_equal(a["raw_weighted_loss"], a["raw_loss"])
+    assert not np.array_equal(a["raw_loss"], a["loss"])  # EMA decay 0.9: the models differ
+    assert np.isfinite(b["raw_weighted_loss"]).all() and b["raw_weighted_loss"].shape == b["lam"].shape
     train(tiny(tmp_path / "c", steps=2, analysis_batches=0))
     assert not (tmp_path / "c" / "persample.npz").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 15: the seed presets are the paper's code
+def test_print_config_shows_the_paper_code_in_the_seed_presets(capsys):
+    def printed(*argv) -> dict:
+        assert main(list(argv) + ["--print-config"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    for dataset in ("cifar10", "cifar100"):
+        paper = printed("--preset", f"seed-{dataset}")
+        assert (paper["arch"], paper["amp"], paper["drop_last"], paper["dataset"]) == ("paper", "fp32", False, dataset)
+        assert paper["alpha"] == -1.0  # seed-cauchy's default 0.05
+        fast = printed("--preset", f"fast-{dataset}")
+        assert (fast["arch"], fast["amp"], fast["drop_last"], fast["dataset"]) == ("ddpm", "auto", True, dataset)
+    assert printed("--preset", "seed-cifar10", "--alpha", "0.01", "--drop-last")["drop_last"] is True
+    assert "needs --formulation edm" in _one_line_error(capsys, ["--arch", "paper", "--formulation", "ddpm",
+                                                                 "--print-config"])
+
+
+def test_paper_network_trains_two_steps_on_digits(tmp_path):
+    """The paper's U-Net (its narrowest width, 32) on 8x8 digits, as the seed presets set it up."""
+    res = train(tiny(tmp_path / "paper", arch="paper", channels=32, amp="fp32", drop_last=False, steps=2,
+                     weighting="seed-cauchy", analysis_batches=1))
+    assert res["status"] == "done" and res["step"] == 2
+    state = load_checkpoint(str(tmp_path / "paper" / "checkpoints" / "ckpt_00000002.pt"))
+    assert "fourier.freqs" in state["model"] and "res_6_2.conv_2.weight" in state["model"]
+    assert all(np.isfinite(r["loss"]) for r in read_metrics(tmp_path / "paper"))
+
+
+def test_short_last_batch_is_kept_without_drop_last(tmp_path):
+    """1797 digits in batches of 600: two full batches and one of 597, then the next epoch."""
+    kw = dict(batch_size=600, steps=4, log_every=1, ckpt_every=4)
+    train(tiny(tmp_path / "keep", drop_last=False, **kw))
+    train(tiny(tmp_path / "drop", **kw))
+    with np.load(tmp_path / "keep" / "binstats.npz") as z:
+        assert z["count"].sum(axis=1).tolist() == [600, 1200, 1797, 2397]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "keep")] == [0, 0, 0, 1]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "drop")] == [0, 0, 1, 1]

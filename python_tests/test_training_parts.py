@@ -364,3 +364,55 @@ def test_rng_streams():
     set_rng_states(g1, states)
     assert torch.equal(torch.rand(3, generator=g1["data"]), nxt)
     assert all(v.dtype == torch.uint8 for v in states.values())
+
+
+def test_batch_iterator_keeps_the_short_last_batch():
+    data = torch.arange(10).reshape(10, 1)
+    it = BatchIterator(data, 4, torch.Generator().manual_seed(0), drop_last=False)
+    sizes = [next(it).shape[0] for _ in range(6)]
+    assert sizes == [4, 4, 2, 4, 4, 2] and it.epoch == 1 and it.batches_per_epoch == 3
+    assert BatchIterator(data, 4, torch.Generator()).batches_per_epoch == 2  # the default drops it
+
+
+# ---------------------------------------------------------------------------- SNR conventions
+def test_published_snr_under_edm_is_one_over_sigma_squared():
+    from varweight_kernels.training.builders import snr_scale
+    from varweight_kernels.training.config import TrainConfig
+    f = make_formulation("edm", sigma_data=0.5)
+    sigma = torch.tensor([0.1, 0.5, 2.0])
+    snr = LossTerms(torch.ones(3), torch.ones(3), f.logsnr(sigma).exp()).snr
+    published = TrainConfig()
+    assert published.snr_convention == "published" and snr_scale(published) == 4.0
+    torch.testing.assert_close(snr * snr_scale(published), 1.0 / sigma ** 2)
+    assert snr_scale(published.replace({"snr_convention": "sigma-data"})) == 1.0
+    assert snr_scale(published.replace({"formulation": "ddpm"})) == 1.0  # exp(lam) = abar/(1-abar) already
+    # a run saved before the option existed keeps the convention it trained with
+    assert TrainConfig.from_dict({}).snr_convention == "sigma-data"
+
+
+def test_sigma_data_convention_makes_min_snr_5_act_like_min_snr_20():
+    snr = torch.tensor([0.5, 5.0, 10.0, 40.0, 200.0], dtype=D)  # exp(lam) with sigma_data 0.5
+    old = make_weighting("min-snr", target="x0", gamma=5.0).weights(snr)
+    published20 = make_weighting("min-snr", target="x0", gamma=20.0, snr_scale=4.0).weights(snr)
+    torch.testing.assert_close(4.0 * old, published20)  # the same clip point, up to a constant
+    p2 = make_weighting("p2", target="eps", snr_scale=4.0).weights(snr)
+    torch.testing.assert_close(p2, 1.0 / (1.0 + 4.0 * snr))  # knee at published SNR 1, sigma = 1
+    with pytest.raises(ValueError, match="snr_scale"):
+        make_weighting("p2", snr_scale=0.0)
+
+
+def test_analysis_weights_leave_the_weighting_as_it_is():
+    """The per-sample analysis weighs a trained model's losses without moving VAW's statistics."""
+    lam = torch.linspace(-4, 4, 16)
+    t = LossTerms(torch.rand(16, generator=torch.Generator().manual_seed(0)), torch.ones(16), torch.ones(16))
+    for kw in ({}, {"prior_alpha": 0.05}):
+        w = make_weighting("vaw", num_bins=4, min_count=1, backend="reference", **kw)
+        for _ in range(3):
+            w.objective(t, lam)
+        before = {k: v.clone() for k, v in w.state_dict().items() if isinstance(v, torch.Tensor)}
+        weights = w.analysis_weights(t, lam)
+        assert w.vaw.training and all(torch.equal(v, w.state_dict()[k]) for k, v in before.items())
+        cauchy = make_weighting("seed-cauchy", alpha=0.05).sample_weights(t, lam) if kw else torch.ones(16)
+        torch.testing.assert_close(weights, w.vaw.last_weights * cauchy)
+    edm2 = make_weighting("edm2", channels=4)
+    torch.testing.assert_close(edm2.analysis_weights(t, lam), torch.exp(-edm2.logvar(lam)).detach())

@@ -134,8 +134,9 @@ def plot_paired_diff_vs_step(groups: Dict[str, List[Run]], pairs: Dict[str, str]
 def loss_vs_logsnr(runs: Sequence[Run]) -> Optional[Dict[str, np.ndarray]]:
     """Per-bin mean and variance of the unweighted loss, mean +- stderr across seeds.
 
-    Per-sample data (``persample*.npz``): 30 quantile bins of lam, pooled edges over the
-    seeds, as in the paper's analysis. Otherwise the last row of ``binstats.npz`` (the run's
+    Per-sample data (``persample*.npz``): the EMA model's unweighted losses in 30 quantile bins
+    of lam with edges pooled over the seeds (every seed's bin k covers the same lam range) and
+    the unbiased variance (ddof 1); ``variance.py`` has the paper's variant. Otherwise the last row of ``binstats.npz`` (the run's
     EMA bins; bins with no samples are left out)."""
     ps = [r for r in runs if r.persample is not None and r.persample["lam"].size >= QUANTILE_BINS]
     if ps:
@@ -156,7 +157,7 @@ def loss_vs_logsnr(runs: Sequence[Run]) -> Optional[Dict[str, np.ndarray]]:
             means.append(m)
             vars_.append(v)
         centers = 0.5 * (edges[1:] + edges[:-1])
-        source = f"{QUANTILE_BINS} quantile bins of per-sample losses"
+        source = f"EMA model, {QUANTILE_BINS} quantile bins of lam pooled over seeds, ddof 1"
     else:
         bs = [r for r in runs if r.binstats is not None and "mean" in r.binstats and r.binstats["mean"].shape[0]]
         if not bs:
@@ -171,23 +172,25 @@ def loss_vs_logsnr(runs: Sequence[Run]) -> Optional[Dict[str, np.ndarray]]:
             means.append(np.where(cnt > 0, r.binstats["mean"][-1], np.nan))
             vars_.append(np.where(cnt >= 2, r.binstats["var"][-1], np.nan))  # a variance needs 2 samples
         source = "binstats.npz (EMA statistics of the last logged step, fixed log-SNR bins)"
-    M, V = np.array(means), np.array(vars_)
-
-    def agg(a):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            n = np.sum(np.isfinite(a), axis=0)
-            mean = np.nanmean(a, axis=0)
-            sd = np.nanstd(a, axis=0, ddof=1) if a.shape[0] > 1 else np.full(a.shape[1], np.nan)
-            se = np.where(n > 1, sd / np.sqrt(np.maximum(n, 1)), np.nan)
-        return mean, se, n
-
-    mm, ms, n = agg(M)
-    vm, vs, _ = agg(V)
+    mm, ms, n = across_seeds(np.array(means))
+    vm, vs, _ = across_seeds(np.array(vars_))
     return {"center": centers, "mean": mm, "mean_se": ms, "var": vm, "var_se": vs, "n": n, "source": source}
 
 
-def plot_loss_vs_logsnr(curves: Dict[str, Dict], path: Path) -> bool:
+def across_seeds(a: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column of a (seeds, bins) array: the mean over the finite entries, its standard error
+    (sample std, ddof 1, over sqrt(n); NaN below 2 seeds) and n."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        n = np.sum(np.isfinite(a), axis=0)
+        mean = np.nanmean(a, axis=0)
+        sd = np.nanstd(a, axis=0, ddof=1) if a.shape[0] > 1 else np.full(a.shape[1], np.nan)
+        se = np.where(n > 1, sd / np.sqrt(np.maximum(n, 1)), np.nan)
+    return mean, se, n
+
+
+def plot_loss_vs_logsnr(curves: Dict[str, Dict], path: Path, xlabel: str = "log-SNR lambda [nats]",
+                        loss_name: str = "the unweighted loss", title: str = "Loss vs log-SNR") -> bool:
     if not curves:
         return False
     plt = _plt()
@@ -204,14 +207,14 @@ def plot_loss_vs_logsnr(curves: Dict[str, Dict], path: Path) -> bool:
                 ax.fill_between(c["center"][band], lower[band], (y + se)[band], color=colors[label], alpha=0.2,
                                 linewidth=0)
     src = next(iter(curves.values()))["source"]
-    axes[0].set_ylabel("mean unweighted per-sample loss [loss units]")
-    axes[1].set_ylabel("variance of the unweighted loss [loss units^2]")
+    axes[0].set_ylabel(f"mean of {loss_name} [loss units]")
+    axes[1].set_ylabel(f"variance of {loss_name} [loss units^2]")
     axes[1].set_yscale("log")
     for ax in axes:
-        ax.set_xlabel("log-SNR lambda [nats]")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Loss vs log-SNR, mean +- stderr across seeds ({src})", fontsize=9)
+    fig.suptitle(f"{title}, mean +- stderr across seeds ({src})", fontsize=9)
     return _save_figure(fig, path)
 
 

@@ -6,7 +6,9 @@ Writes ``EXP/report.md`` and, under ``EXP/report/``: ``per_seed.csv``, ``summary
 ``why_bins.csv``, ``why_ess.csv`` and the figures ``metric_vs_step.png``,
 ``paired_diff_vs_step.png``, ``loss_vs_logsnr.png``, ``variance_heatmap.png``,
 ``vaw_weights.png``, ``why_best_worst.png`` (each only when there are data for it). The
-sample-efficiency and look-at-why sections come from ``dynamics``, the figures from ``figures``.
+sample-efficiency and look-at-why sections come from ``dynamics``, the figures from ``figures``;
+with ``paper_analysis`` also the paper's variance analysis (``variance``): ``variance_paper.csv``
+and ``variance_comparison.png``.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from . import stats as st
 from .dynamics import fmt
 from .figures import (loss_vs_logsnr, plot_loss_vs_logsnr, plot_metric_vs_step, plot_paired_diff_vs_step,
                       plot_variance_heatmap, plot_vaw_weights, plot_why, weight_diagnostics)
+from .variance import CSV_HEADER as PAPER_VARIANCE_HEADER, paper_variance_analysis, paper_variance_markdown
 
 METRIC_PREFERENCE = ("fid", "fd_digits")
 METRIC_TEXT = {
@@ -105,17 +108,14 @@ def _read_npz(path: Path) -> Optional[Dict[str, np.ndarray]]:
 
 
 def _read_persample(run_dir: Path) -> Optional[Dict[str, np.ndarray]]:
-    """Per-sample (lam, loss) pairs, if the run wrote any (``persample*.npz`` with arrays
-    ``lam`` and ``loss``; several files are concatenated)."""
-    lams, losses = [], []
-    for p in sorted(run_dir.glob("persample*.npz")):
-        d = _read_npz(p)
-        if d and "lam" in d and "loss" in d:
-            lams.append(np.asarray(d["lam"], dtype=np.float64).reshape(-1))
-            losses.append(np.asarray(d["loss"], dtype=np.float64).reshape(-1))
-    if not lams:
+    """Per-sample arrays, if the run wrote any (``persample*.npz`` with ``lam``, ``loss`` and, in
+    runs since issue 15, ``weighted_loss``, ``raw_loss``, ``raw_weighted_loss``); several files
+    are concatenated, keeping the arrays that every file has."""
+    parts = [d for d in (_read_npz(p) for p in sorted(run_dir.glob("persample*.npz"))) if d and "lam" in d and "loss" in d]
+    if not parts:
         return None
-    return {"lam": np.concatenate(lams), "loss": np.concatenate(losses)}
+    keys = set.intersection(*(set(d) for d in parts))
+    return {k: np.concatenate([np.asarray(d[k], dtype=np.float64).reshape(-1) for d in parts]) for k in sorted(keys)}
 
 
 def _read_json(path: Path) -> Dict:
@@ -184,9 +184,10 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> N
 
 def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = None,
                  include_unfinished: bool = False, out: Optional[str] = None,
-                 threshold: Optional[float] = None) -> Dict:
+                 threshold: Optional[float] = None, paper_analysis: bool = False) -> Dict:
     """Write the report; returns a dict with the numbers (for tests and callers). ``threshold``:
-    the score for steps-to-threshold (default: from each baseline, see ``dynamics``)."""
+    the score for steps-to-threshold (default: from each baseline, see ``dynamics``);
+    ``paper_analysis``: add the paper's variance analysis (``variance``) beside ours."""
     exp = Path(exp)
     runs, meta = load_runs(exp)
     if not runs:
@@ -298,20 +299,25 @@ def build_report(exp: str, baseline: str = "uniform", metric: Optional[str] = No
     if plot_vaw_weights(used, assets / "vaw_weights.png"):
         figs["vaw_weights"] = "report/vaw_weights.png"
     why_figure = "report/why_best_worst.png" if plot_why(looks, assets / "why_best_worst.png") else None
+    paper_curves, paper_section = {}, []
+    if paper_analysis:
+        paper_curves, paper_rows, drawn = paper_variance_analysis(used, assets / "variance_comparison.png")
+        _write_csv(assets / "variance_paper.csv", PAPER_VARIANCE_HEADER, paper_rows)
+        paper_section = paper_variance_markdown(paper_curves, "report/variance_comparison.png" if drawn else None)
 
     # markdown
     md = _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, finals, paired, figs,
                    include_unfinished, all_groups, curves,
                    dyn.efficiency_markdown(eff, order, paired, {lab: s["mean"] for lab, s in summary.items()},
                                            metric_label),
-                   dyn.why_markdown(looks, roles, paired, metric_label, why_figure))
+                   dyn.why_markdown(looks, roles, paired, metric_label, why_figure), paper_section)
     atomic_write_bytes(report_md, md.encode())
     for r in runs:  # each run's index.md now links the report's figures
         write_run_index(str(r.path))
     return {"metric": metric, "summary": summary, "paired": {k: v.to_dict() for k, v in paired.items()},
             "figures": {k: str(report_md.parent / v) for k, v in figs.items()}, "report": str(report_md),
             "verdicts": {k: st.describe_paired(v, metric_label) for k, v in paired.items()},
-            "efficiency": eff, "why": {"roles": roles, "diagnostics": looks,
+            "efficiency": eff, "paper_variance": paper_curves, "why": {"roles": roles, "diagnostics": looks,
                                      "figure": str(report_md.parent / why_figure) if why_figure else None}}
 
 
@@ -341,7 +347,7 @@ def _metric_context(runs: Sequence[Run], metric: str) -> str:
 
 
 def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, finals, paired, figs,
-              include_unfinished, all_groups, curves, efficiency_section, why_section) -> str:
+              include_unfinished, all_groups, curves, efficiency_section, why_section, paper_section) -> str:
     L: List[str] = []
     L.append(f"# Experiment report: `{exp.name}`\n")
     cfg = next((r.config for r in runs if r.config), {})
@@ -414,6 +420,7 @@ def _markdown(exp, runs, meta, metric, metric_label, baseline, order, summary, f
         L.append(f"- {st.describe_spread(lab, x, base if y is not None else None, y, metric_label)}")
     L.append("")
     L.extend(why_section)
+    L.extend(paper_section)
     L.append("## Figures\n")
     captions = {
         "metric_vs_step": f"{metric_label} vs training step (mean across seeds, band ±1 std; dashed: the "

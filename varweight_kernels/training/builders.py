@@ -12,8 +12,8 @@ import torch
 from .config import TrainConfig, TrainError
 from .rng import derive_seed
 
-__all__ = ["load_data", "network_spec", "build_model", "build_weighting", "build_noise_sampler", "build_batches",
-           "build_optimizer", "EMA", "autocast_context"]
+__all__ = ["load_data", "network_spec", "build_model", "build_weighting", "snr_scale", "build_noise_sampler",
+           "build_batches", "build_optimizer", "EMA", "autocast_context"]
 
 
 def load_data(cfg: TrainConfig) -> torch.Tensor:
@@ -31,6 +31,8 @@ def load_data(cfg: TrainConfig) -> torch.Tensor:
 def network_spec(cfg: TrainConfig, formulation) -> Tuple[str, Dict[str, Any]]:
     """``(arch, kwargs)`` of ``unet.build_unet``: the network a config asks for, with nothing left
     to resolve ("auto" embedding made concrete), so exported weights can be rebuilt from it alone."""
+    if cfg.arch == "paper":  # a fixed layout: only the width is a choice
+        return "paper", {"base_channels": cfg.channels}
     embedding = formulation.recommended_embedding if cfg.embedding == "auto" else cfg.embedding
     return "ddpm", {"base_channels": cfg.channels, "channel_mults": list(cfg.channel_mults),
                     "num_res_blocks": cfg.num_res_blocks, "attn_resolutions": list(cfg.attn_resolutions),
@@ -38,7 +40,7 @@ def network_spec(cfg: TrainConfig, formulation) -> Tuple[str, Dict[str, Any]]:
 
 
 def build_model(cfg: TrainConfig, in_channels: int, image_size: int, formulation) -> torch.nn.Module:
-    """The U-Net, initialised from the "init" stream (rank 0's on every rank; global RNG restored)."""
+    """The U-Net ``cfg.arch``, initialised from the "init" stream (rank 0's on every rank; global RNG restored)."""
     from .unet import build_unet
     arch, kwargs = network_spec(cfg, formulation)
     with torch.random.fork_rng(devices=[]):
@@ -64,12 +66,22 @@ def build_weighting(cfg: TrainConfig, formulation, generator: torch.Generator) -
     if name == "seed-standardized":
         return make_weighting(name, **alpha)
     if name == "min-snr":
-        return make_weighting(name, target=formulation.target, gamma=cfg.gamma)
+        return make_weighting(name, target=formulation.target, gamma=cfg.gamma, snr_scale=snr_scale(cfg))
     if name == "p2":
-        return make_weighting(name, target=formulation.target, k=cfg.p2_k, gamma=cfg.p2_gamma)
+        return make_weighting(name, target=formulation.target, k=cfg.p2_k, gamma=cfg.p2_gamma,
+                              snr_scale=snr_scale(cfg))
     if name == "edm2":
         return make_weighting(name, channels=cfg.edm2_channels, generator=generator)
     return make_weighting(name)
+
+
+def snr_scale(cfg: TrainConfig) -> float:
+    """The factor from ``exp(lam)`` to the SNR min-snr and p2 weight by. EDM's lam is
+    log(sigma_data^2/sigma^2), so the published SNR = 1/sigma^2 of x = x0 + sigma n is
+    exp(lam)/sigma_data^2; DDPM's exp(lam) = abar/(1-abar) is the published SNR already."""
+    if cfg.formulation == "edm" and cfg.snr_convention == "published":
+        return 1.0 / cfg.sigma_data ** 2
+    return 1.0
 
 
 def build_noise_sampler(cfg: TrainConfig, formulation):
@@ -86,7 +98,7 @@ def build_batches(cfg: TrainConfig, images: torch.Tensor, batch_size: int, gener
     """This rank's batch stream (shuffle and flips from the "data" stream)."""
     from .data import BatchIterator
     try:
-        return BatchIterator(images, batch_size, generator, hflip=cfg.flip)
+        return BatchIterator(images, batch_size, generator, hflip=cfg.flip, drop_last=cfg.drop_last)
     except ValueError as exc:
         raise TrainError(f"--batch-size: {exc}") from None
 
@@ -97,7 +109,7 @@ def build_optimizer(cfg: TrainConfig, params: List[torch.nn.Parameter]) -> torch
 
 
 def autocast_context(cfg: TrainConfig, device: torch.device) -> Callable:
-    """A context factory: bf16 autocast for --amp bf16 (or auto on CUDA), else a no-op."""
+    """A context factory: bf16 autocast for --amp bf16 (or auto on CUDA), else a no-op (fp32)."""
     if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext

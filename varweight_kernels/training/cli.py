@@ -1,13 +1,17 @@
 """The command line of ``train_cifar.py``: flags -> ``TrainConfig`` -> ``train``, or ``sample_only``
 and/or ``export_run``.
 
+``--print-config`` prints the fully resolved config (defaults, preset, saved run, flags) as
+JSON and exits, so what a preset means can be read without starting a run.
+
 Every user-facing failure (``TrainError``, ``ConfigError``, ``CheckpointError``) is one line on
 stderr and a non-zero exit status; never a traceback.
 """
 from __future__ import annotations
 
+import json
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -26,21 +30,33 @@ __all__ = ["parse_config", "main"]
 def parse_config(argv: Optional[List[str]] = None, prog: str = "train_cifar.py") -> TrainConfig:
     """flag > preset > default; on --resume / --sample-only / --export the saved run's config replaces
     the defaults."""
-    args = build_parser(prog).parse_args(argv)
+    return _parse(argv, prog)[0]
+
+
+def _parse(argv: Optional[List[str]], prog: str) -> Tuple[TrainConfig, bool]:
+    """The resolved config and whether --print-config was given."""
+    parser = build_parser(prog)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (preset and flags applied) as JSON and exit")
+    args = parser.parse_args(argv)
     flags = explicit_flags(args)
     base = None
     if flags.get("resume") or flags.get("sample_only") or flags.get("export"):
         out = flags.get("out", TrainConfig().out)
         base = read_saved_config(out)
         base = base.replace({"resume": False, "overwrite": False, "sample_only": False})
-    return resolve_config(flags, base)
+    return resolve_config(flags, base), args.print_config
 
 
 def main(argv: Optional[List[str]] = None, callbacks: Optional[Callbacks] = None) -> int:
     """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     d = DistInfo()
     try:
-        cfg = parse_config(argv)
+        cfg, print_config = _parse(argv, "train_cifar.py")
+        if print_config:
+            if d.main:
+                print(json.dumps(cfg.validate().to_dict(), indent=2))
+            return 0
         if cfg.sample_only:
             sample_only(cfg)
         if cfg.export:

@@ -154,7 +154,8 @@ class BatchIterator:
     """Endless iterator over shuffled batches of ``data`` (any tensor, first dim N).
 
     Each epoch draws ``randperm(N)`` from ``generator`` and yields ``N // batch_size`` full
-    batches (the remainder is dropped). With ``hflip=True`` each batch then draws a per-sample
+    batches; the remainder is dropped, or with ``drop_last=False`` yielded as a last, shorter
+    batch (as the paper's code does: 80 images for CIFAR's 50,000 in batches of 128). With ``hflip=True`` each batch then draws a per-sample
     flip mask ``rand(B) < 0.5`` from the same generator and mirrors those images along the
     width. Batches are returned on ``data``'s device, unconverted (``to_model_range`` next).
 
@@ -165,12 +166,12 @@ class BatchIterator:
     """
 
     def __init__(self, data: torch.Tensor, batch_size: int, generator: torch.Generator,
-                 hflip: bool = False) -> None:
+                 hflip: bool = False, drop_last: bool = True) -> None:
         n = int(data.shape[0])
         if batch_size < 1 or batch_size > n:
             raise ValueError(f"batch_size must be in [1, {n}] for a dataset of {n} items, got {batch_size}")
         self.data, self.batch_size, self.generator, self.hflip = data, int(batch_size), generator, bool(hflip)
-        self.batches_per_epoch = n // self.batch_size
+        self.batches_per_epoch = n // self.batch_size if drop_last else -(-n // self.batch_size)
         self.epoch = 0
         self.index = 0
         self.perm: Optional[torch.Tensor] = None

@@ -12,9 +12,13 @@
     loss    <- weighting.objective(terms, lam, is_weight)     the chosen weighting's objective
     backward; all-reduce (DDP); clip; skip if non-finite; AdamW; EMA
 
+The step reads one thing back from the device, whether it was finite (and whether a rank was
+signalled to stop); the logged metrics are summed on the device and read at log time.
+
 RNG streams (``rng.derive_seed(seed, stream, rank)``), each its own ``torch.Generator`` on the
-CPU (device-independent draws): "init" (model init through the global RNG, rank 0's on every
-rank), "data", "levels" (noise levels), "noise" (the Gaussian noise), "sample" (sampler noise;
+CPU (device-independent draws) except "noise" on CUDA, which draws the image-sized noise on the
+device (still paired across weightings; CUDA and CPU runs see different noise): "init" (model
+init through the global RNG, rank 0's on every rank), "data", "levels" (noise levels), "noise" (the Gaussian noise), "sample" (sampler noise;
 re-created at every evaluation, so every evaluation and every method sees the same sampler
 noise), "weighting" (edm2's Fourier features, created after the model), and the global RNG
 (dropout), re-seeded after init from ``(seed, "dropout", rank)``. Levels and noise have
@@ -27,7 +31,6 @@ SIGINT/SIGTERM finish the current step, write a checkpoint and exit 0.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Any, Dict, Optional
@@ -40,7 +43,7 @@ from .builders import (EMA, autocast_context, build_batches, build_model, build_
 from .config import TrainConfig, TrainError
 from .distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed, resolve_device
 from .rng import derive_seed, make_generators
-from .run_dir import (MetricsLog, accumulate, check_run_folder, clear_run, format_record, interval_record,
+from .run_dir import (MetricsLog, check_run_folder, clear_run, format_record, interval_record,
                       latest_checkpoint, mark_done, new_accumulator, say, write_run_config)
 from .run_index import write_run_index
 from .sampling import Evaluation
@@ -84,8 +87,9 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
     init_distributed(d, device)
     cuda = device.type == "cuda"
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        if cfg.amp != "fp32":  # fp32 keeps PyTorch's default TF32 switches, as the paper's code did
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     autocast = autocast_context(cfg, device)
     quiet = cfg.quiet or not d.main
@@ -95,6 +99,8 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
     shape = tuple(images.shape[1:])
     formulation = make_formulation(cfg.formulation, **cfg.formulation_kwargs())
     gens = make_generators(cfg.seed, d.rank, "cpu")
+    if cuda:  # noise is drawn where it is used, from its own seeded stream (CPU runs keep the CPU one)
+        gens["noise"] = torch.Generator(device).manual_seed(derive_seed(cfg.seed, "noise", d.rank))
     raw_model = build_model(cfg, shape[0], shape[1], formulation).to(device)
     if cuda:
         raw_model = raw_model.to(memory_format=torch.channels_last)
@@ -134,6 +140,7 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
     observer.train()
     t_last = t_start = time.time()
     last_ckpt = None
+    interval = IntervalSums(state, device)
     with StopSignal() as stop:
         while state.step < cfg.steps:
             step = state.step
@@ -145,8 +152,8 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
             x0 = to_model_range(next(batches))
             if cuda:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            level, lam, is_weight = noise_sampler.sample(local_bs, gens["levels"], device)
-            noise = torch.randn(x0.shape, generator=gens["noise"]).to(device)
+            level, lam, is_weight = noise_sampler.sample(x0.shape[0], gens["levels"], device)  # short last batch
+            noise = torch.randn(x0.shape, generator=gens["noise"], device=gens["noise"].device).to(device)
             callbacks.on_batch(step, {"x0": x0, "level": level, "lam": lam, "noise": noise, "is_weight": is_weight,
                                       "model": raw_model})
 
@@ -162,12 +169,13 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
             average_gradients(weighting_params, d)
             grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                        cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            loss_sum, wloss_sum, nonfinite, stop_votes = all_reduce_sum(torch.stack([
+            sums = all_reduce_sum(torch.stack([
                 terms.loss.detach().float().sum().double(), loss.detach().double(),
                 (~torch.isfinite(loss.detach())).double(),
-                torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=loss.device)]), d).tolist()
-            mean_loss, mean_wloss, gnorm = loss_sum / cfg.batch_size, wloss_sum / d.world, float(grad_norm)
-            finite = nonfinite == 0 and math.isfinite(gnorm)
+                torch.tensor(float(stop.signum is not None), dtype=torch.float64, device=loss.device)]), d)
+            # the step's one host read: whether to skip it, whether to stop; the metrics stay on the device
+            nonfinite, stop_votes = torch.stack([sums[2] + (~torch.isfinite(grad_norm)).double(), sums[3]]).tolist()
+            finite = nonfinite == 0
             if finite:
                 optimizer.step()
                 ema.update(raw_model)
@@ -181,10 +189,10 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
             step = state.step
 
             # bookkeeping
-            accumulate(state.log_accum, finite, mean_loss, mean_wloss, gnorm)
+            interval.add(finite, torch.stack([sums[0] / (x0.shape[0] * d.world), sums[1] / d.world,
+                                              grad_norm.double()]))
             if pbar is not None:
                 pbar.update(1)
-                pbar.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
             if state.consecutive >= cfg.max_nonfinite:
                 good = latest_checkpoint(out)
                 where = f"; last good checkpoint: {good}" if good else "; no checkpoint was written yet"
@@ -196,14 +204,18 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
             on_cadence = step % cfg.log_every == 0
             if on_cadence or step == cfg.steps:
                 now = time.time()
+                interval.flush()
                 record = interval_record(step, state.log_accum, lr=lr, batch_size=cfg.batch_size,
                                          interval_s=now - t_last, elapsed_s=now - t_start, skipped_steps=state.skipped,
                                          nonfinite_samples=int(observer.nonfinite), epoch=batches.epoch)
                 bin_weights = weighting.bin_weights()
                 if bin_weights is not None:
                     record.update(vaw_weight_min=float(bin_weights.min()), vaw_weight_max=float(bin_weights.max()))
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
                 if on_cadence:
                     t_last, state.log_accum = now, new_accumulator()
+                    interval.reset()
                 else:
                     record["final"] = True
                 log.add_bins(step, observer.stats(), bin_weights)
@@ -218,6 +230,7 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
 
             interrupted = stop_votes > 0
             if step % cfg.ckpt_every == 0 or step == cfg.steps or interrupted:
+                interval.flush()
                 last_ckpt = state.save(out, run_config, shape, d, device, cfg.keep_ckpts)
             if interrupted:
                 if pbar is not None:
@@ -232,7 +245,7 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
         pbar.close()
     last_ckpt = last_ckpt or latest_checkpoint(out)  # None: resumed a finished run
     if d.main:
-        evaluation.finish(state.step, ema.module, images)
+        evaluation.finish(state.step, ema.module, images, raw_model, weighting)
         mark_done(out, state.step)
         write_run_index(out)
     log.close()
@@ -241,6 +254,37 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
     d.barrier()
     say(f"done: {state.step} steps, {state.skipped} skipped; run folder {out}", quiet)
     return {"status": "done", "step": state.step, "checkpoint": last_ckpt, "skipped_steps": state.skipped}
+
+
+class IntervalSums:
+    """The log interval's sums of loss, weighted loss and grad norm, kept on the device so that a
+    step reads nothing back for them; ``flush`` writes them into ``state.log_accum`` (the
+    checkpointed accumulator) before a record or a checkpoint reads it. The float64 sums add in
+    the order the host did, so CPU runs stay bitwise identical to host-side sums."""
+
+    KEYS = ("loss", "wloss", "gnorm")
+
+    def __init__(self, state: TrainState, device: torch.device) -> None:
+        self.state, self.device = state, device
+        self.reset()
+
+    def reset(self) -> None:
+        """Start from the accumulator as it is (zeros, or a resumed run's partial interval)."""
+        acc = self.state.log_accum
+        self.sums = torch.tensor([acc[k] for k in self.KEYS], dtype=torch.float64, device=self.device)
+
+    def add(self, finite: bool, values: torch.Tensor) -> None:
+        """One step: ``values`` (loss, weighted loss, grad norm) count only if the step was finite."""
+        acc = self.state.log_accum
+        acc["n"] += 1
+        if finite:
+            self.sums += values
+            acc["finite"] += 1
+        else:
+            acc["nonfinite"] += 1
+
+    def flush(self) -> None:
+        self.state.log_accum.update(zip(self.KEYS, self.sums.tolist()))
 
 
 def _progress(cfg: TrainConfig, step: int, quiet: bool):

@@ -110,28 +110,38 @@ def save_grid(images: torch.Tensor, path: str) -> None:
     ckpt.atomic_write_bytes(path, buf.getbuffer())
 
 
-def save_persample(cfg: TrainConfig, formulation, net: torch.nn.Module, images: torch.Tensor,
-                   device: torch.device, autocast, path: str) -> None:
-    """The paper's variance analysis: unweighted per-sample losses of the trained (EMA) model on
-    ``cfg.analysis_batches`` batches at the default noise levels, from a stream of its own."""
+def save_persample(cfg: TrainConfig, formulation, nets: Dict[str, torch.nn.Module], weighting,
+                   images: torch.Tensor, device: torch.device, autocast, path: str) -> None:
+    """The per-sample variance analysis: per-sample losses of each trained model in ``nets``
+    ("ema", "raw") on ``cfg.analysis_batches`` batches at the default noise levels, from a stream
+    of its own (the same batches for every model), both unweighted and weighted by the run's
+    weighting as it stands at the end. Arrays: ``lam``; per model ``loss`` / ``weighted_loss``,
+    prefixed with the model's name except for the EMA model (``loss``, ``raw_weighted_loss``...).
+    The weighted loss is the weight times the term the weighting weighs (min-snr, p2: the MSE)."""
     from .data import to_model_range
 
     g = torch.Generator().manual_seed(derive_seed(cfg.seed, "analysis", 0))
-    lams, losses = [], []
-    net.eval()
+    arrays: Dict[str, list] = {"lam": []}
+    for net in nets.values():
+        net.eval()
     with torch.no_grad():
         for _ in range(cfg.analysis_batches):
             idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
             x0 = to_model_range(images[idx]).to(device)
             level = formulation.sample_levels(cfg.batch_size, g, device)
             noise = torch.randn(x0.shape, generator=g).to(device)
-            with autocast():
-                terms = formulation.loss(net, x0, level, noise)
-            lams.append(formulation.logsnr(level).float().cpu())
-            losses.append(terms.loss.detach().float().cpu())
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, lam=torch.cat(lams).numpy(), loss=torch.cat(losses).numpy())
-    os.replace(tmp, path)
+            lam = formulation.logsnr(level).float()
+            arrays["lam"].append(lam.cpu())
+            for name, net in nets.items():
+                with autocast():
+                    terms = formulation.loss(net, x0, level, noise)
+                weighted = weighting.analysis_weights(terms, lam.to(device)) * getattr(terms, weighting.term)
+                prefix = "" if name == "ema" else f"{name}_"
+                arrays.setdefault(f"{prefix}loss", []).append(terms.loss.float().cpu())
+                arrays.setdefault(f"{prefix}weighted_loss", []).append(weighted.float().cpu())
+    buf = io.BytesIO()
+    np.savez(buf, **{key: torch.cat(parts).numpy() for key, parts in arrays.items()})
+    ckpt.atomic_write_bytes(path, buf.getbuffer())
 
 
 def make_scorer(cfg: TrainConfig, d: DistInfo):
@@ -197,12 +207,13 @@ class Evaluation:
         grid = generate(cfg, self.formulation, net, cfg.grid_size, self.shape, self.device, g, autocast=self.autocast)
         save_grid(grid, os.path.join(cfg.out, f"samples_step{step:08d}.png"))
 
-    def finish(self, step: int, net: torch.nn.Module, images: torch.Tensor) -> None:
-        """Rank 0, after the last step: the final grid and persample.npz."""
+    def finish(self, step: int, net: torch.nn.Module, images: torch.Tensor, raw_net: torch.nn.Module,
+               weighting) -> None:
+        """Rank 0, after the last step: the final grid (EMA) and persample.npz (EMA and raw)."""
         self.save_grid(step, net)
         if self.cfg.analysis_batches:
-            save_persample(self.cfg, self.formulation, net, images, self.device, self.autocast,
-                           os.path.join(self.cfg.out, "persample.npz"))
+            save_persample(self.cfg, self.formulation, {"ema": net, "raw": raw_net}, weighting, images, self.device,
+                           self.autocast, os.path.join(self.cfg.out, "persample.npz"))
 
 
 class RunNetwork(NamedTuple):

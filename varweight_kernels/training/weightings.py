@@ -14,19 +14,25 @@ edm2: ``exp(-u(lam))``); ``bin_weights()`` the per-bin weight table (vaw) or Non
 | vaw | terms.loss | ``VarianceAwareWeighting`` (the library core) on (loss, lam) |
 | seed-cauchy | terms.loss | ``1 / (1 + alpha (lam - mean_batch lam)^2)``, alpha = 0.05 |
 | seed-standardized | terms.loss | ``1 + alpha (l - mean_batch l) / std_batch l`` (detached; population std; 1 when B = 1 or std = 0; clamped at ``min_weight`` = 0 by default), alpha = 0.5 |
-| min-snr | terms.mse | eps target ``min(SNR, gamma)/SNR``; x0 ``min(SNR, gamma)``; v ``min(SNR, gamma)/(SNR+1)``; gamma = 5 |
-| p2 | terms.mse | ``1/(k + SNR)^gamma`` on the eps MSE, k = 1, gamma = 1 |
+| min-snr | terms.mse | eps target ``min(SNR, gamma)/SNR``; x0 ``min(SNR, gamma)``; v ``min(SNR, gamma)/(SNR+1)``; gamma = 5; SNR = ``snr_scale * terms.snr`` |
+| p2 | terms.mse | ``1/(k + SNR)^gamma`` on the eps MSE, k = 1, gamma = 1; SNR = ``snr_scale * terms.snr`` |
 | edm2 | terms.loss | learned: ``loss / exp(u(lam)) + u(lam)`` |
 
 Notes.
+- The SNR of min-snr and p2. Both papers define SNR = alpha^2/sigma^2 of x = alpha x0 + sigma eps:
+  abar/(1-abar) for DDPM, which is ``terms.snr = exp(lam)``, and 1/sigma^2 for EDM (alpha = 1),
+  which is ``exp(lam)/sigma_data^2`` since EDM's lam = log(sigma_data^2/sigma^2). ``snr_scale``
+  multiplies ``terms.snr``: the trainer passes ``1/sigma_data^2`` under EDM by default (the
+  published SNR, ``--snr-convention published``) and 1 with ``--snr-convention sigma-data``
+  (SNR = sigma_data^2/sigma^2, the trainer's earlier convention: with sigma_data = 0.5 it makes
+  min-SNR-5 clip where the published min-SNR-20 would, and moves P2's knee by the same factor 4).
 - min-snr and p2 need the formulation's ``target`` ("eps", "x0" or "v"); pass ``target=``
   (``make_weighting("min-snr", target=formulation.target)``).
 - p2 for non-eps targets converts the target MSE to an eps MSE before weighting:
   eps-MSE = SNR * x0-MSE, and eps-MSE = SNR/(SNR+1) * v-MSE. This is exact for a variance-
-  preserving process (SNR = abar/(1-abar)). For EDM, where lam = log(sigma_data^2/sigma^2),
-  the exact relation is eps-MSE = x0-MSE / sigma^2 = SNR * x0-MSE / sigma_data^2: a constant
-  factor, which only rescales the loss (and the effective learning rate), not the relative
-  weighting across noise levels.
+  preserving process (SNR = abar/(1-abar)) and, with the published SNR = 1/sigma^2, for EDM
+  (eps-MSE = x0-MSE / sigma^2); under the sigma-data convention it is off by the constant factor
+  sigma_data^2 on top of the moved knee.
 - edm2 (Karras et al. 2024): ``u(lam) = linear(fourier(c))`` with ``c = -lam/8``. For a VP
   process ``-lam/8 = ln(sigma)/4`` with ``sigma = sqrt((1-abar)/abar)``; for EDM it equals
   ``ln(sigma)/4 - ln(sigma_data)/4``, i.e. EDM2's ``c_noise`` up to a constant shift. Fourier
@@ -62,6 +68,12 @@ def _hp(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def _check_snr_scale(scale: float) -> float:
+    if not scale > 0:
+        raise ValueError(f"snr_scale must be > 0, got {scale!r}")
+    return float(scale)
+
+
 def _check_target(target: str) -> str:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -92,6 +104,11 @@ class Weighting(nn.Module):
 
     def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
         return self.objective(terms, lam)
+
+    def analysis_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        """The (B,) weights this weighting gives (terms, lam) now, leaving its state as it is:
+        the per-sample analysis weighs a trained model's losses with them."""
+        return self.sample_weights(terms, lam).detach()
 
     def bin_weights(self) -> Optional[torch.Tensor]:
         """The per-log-SNR-bin weight table, for weightings that keep one (logged to binstats)."""
@@ -146,6 +163,20 @@ class VAWWeighting(Weighting):
         power = self.power_start + done * (self.power_end - self.power_start)
         if power != self.vaw.config.power:
             self.vaw.reconfigure(power=power)
+
+    def analysis_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        """The current table's weights (eval mode: the statistics are not updated), times the
+        prior's where there is one."""
+        was_training = self.vaw.training
+        self.vaw.eval()
+        try:
+            self.vaw(terms.loss.detach(), lam.detach().to(terms.loss.device))
+        finally:
+            self.vaw.train(was_training)
+        weights = self.vaw.last_weights.detach()
+        if self.prior is not None:
+            weights = weights * self.prior.sample_weights(terms, lam).to(weights.dtype)
+        return weights
 
     def bin_weights(self) -> torch.Tensor:
         return self.vaw.weight
@@ -202,20 +233,24 @@ class SeedStandardizedWeighting(Weighting):
 
 
 class MinSNRWeighting(Weighting):
-    """Min-SNR-gamma (Hang et al. 2023) on the plain target MSE ``terms.mse``."""
+    """Min-SNR-gamma (Hang et al. 2023) on the plain target MSE ``terms.mse``. SNR is
+    ``snr_scale * terms.snr``: under EDM 1/sigma^2 as published (``snr_scale = 1/sigma_data^2``)
+    or sigma_data^2/sigma^2 (``snr_scale = 1``); see the module notes."""
 
     name = "min-snr"
     term = "mse"
 
-    def __init__(self, target: str = "eps", gamma: float = 5.0) -> None:
+    def __init__(self, target: str = "eps", gamma: float = 5.0, snr_scale: float = 1.0) -> None:
         super().__init__()
         self.target = _check_target(target)
         if not gamma > 0:
             raise ValueError(f"gamma must be > 0, got {gamma!r}")
         self.gamma = float(gamma)
+        self.snr_scale = _check_snr_scale(snr_scale)
 
     def weights(self, snr: torch.Tensor) -> torch.Tensor:
-        snr = _hp(snr)
+        """Weights on the target MSE for ``snr = terms.snr`` (scaled by ``snr_scale`` here)."""
+        snr = _hp(snr) * self.snr_scale
         clipped = torch.minimum(snr, torch.full_like(snr, self.gamma))  # min, never max
         if self.target == "eps":
             return clipped / snr
@@ -228,19 +263,23 @@ class MinSNRWeighting(Weighting):
 
 
 class P2Weighting(Weighting):
-    """P2 (Choi et al. 2022): ``1/(k + SNR)^gamma`` on the eps MSE (converted for x0/v targets)."""
+    """P2 (Choi et al. 2022): ``1/(k + SNR)^gamma`` on the eps MSE (converted for x0/v targets).
+    SNR is ``snr_scale * terms.snr``: under EDM 1/sigma^2 as published (``snr_scale =
+    1/sigma_data^2``) or sigma_data^2/sigma^2 (``snr_scale = 1``); see the module notes."""
 
     name = "p2"
     term = "mse"
 
-    def __init__(self, target: str = "eps", k: float = 1.0, gamma: float = 1.0) -> None:
+    def __init__(self, target: str = "eps", k: float = 1.0, gamma: float = 1.0, snr_scale: float = 1.0) -> None:
         super().__init__()
         self.target = _check_target(target)
         self.k, self.gamma = float(k), float(gamma)
+        self.snr_scale = _check_snr_scale(snr_scale)
 
     def weights(self, snr: torch.Tensor) -> torch.Tensor:
-        """Weight on the target MSE: P2's weight times the target-MSE -> eps-MSE factor."""
-        snr = _hp(snr)
+        """Weight on the target MSE: P2's weight times the target-MSE -> eps-MSE factor, for
+        ``snr = terms.snr`` (scaled by ``snr_scale`` here)."""
+        snr = _hp(snr) * self.snr_scale
         w = 1.0 / (self.k + snr) ** self.gamma
         if self.target == "x0":
             w = w * snr
@@ -277,6 +316,10 @@ class EDM2Weighting(Weighting):
         feats = self.features(lam.to(self.freqs.device))
         return (feats @ self.weight.t() + self.bias).reshape(-1)
 
+    def analysis_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        """``exp(-u(lam))``: the weight on the loss (the objective's ``+ u`` is not a weight)."""
+        return torch.exp(-self.logvar(lam)).detach().to(terms.loss.device)
+
     def objective(self, terms, lam: torch.Tensor, is_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         u = self.logvar(lam).to(terms.loss.device)
         self.last_weights = torch.exp(-u).detach()
@@ -301,8 +344,8 @@ _KEYS = {
     "uniform": (),
     "seed-cauchy": ("alpha", "normalize"),
     "seed-standardized": ("alpha", "min_weight"),
-    "min-snr": ("target", "gamma"),
-    "p2": ("target", "k", "gamma"),
+    "min-snr": ("target", "gamma", "snr_scale"),
+    "p2": ("target", "k", "gamma", "snr_scale"),
     "edm2": ("channels", "generator", "seed"),
 }
 
