@@ -203,6 +203,7 @@ step fused_tests 90   0 fused_tests
 step fused_bench 120  0 "$PY" benchmarks/bench_gpu.py --out "$OUT/fused" --fused --batches 1024 65536 --bins 64 \
     --no-compile --rep-ms 30
 step sanitizer  150   0 sanitize
+step images_per_s 180 0 "$PY" benchmarks/images_per_s.py --device cuda --out "$OUT/images_per_s"
 
 {
     echo "# gpu_check.sh on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ($(date -u +%F))"
