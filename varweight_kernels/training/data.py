@@ -64,7 +64,7 @@ def _extract_archive(cls, name: str, root: str, download: bool) -> None:
     archive = os.path.join(root, cls.filename)
     if not os.path.isfile(archive):
         if not download:
-            raise _unavailable(cls, name, root, "no verified extracted folder and no archive")
+            raise _unavailable(cls, name, root, "no archive, and no extracted folder whose files pass their published MD5 checksums")
         from torchvision.datasets.utils import download_url
         try:
             download_url(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)

@@ -21,7 +21,7 @@ from .builders import autocast_context, build_model
 from .config import TrainConfig, TrainError
 from .distributed import DistInfo, broadcast_object, resolve_device
 from .rng import derive_seed
-from .run_dir import checkpoint_dir, say, warn
+from .run_dir import checkpoint_dir, lock_run_folder, release_run_folder, say, warn
 
 __all__ = ["to_uint8", "generate", "generate_distributed", "save_grid", "save_persample", "make_scorer",
            "Evaluation", "sample_only"]
@@ -119,9 +119,9 @@ def save_persample(cfg: TrainConfig, formulation, net: torch.nn.Module, images: 
                 terms = formulation.loss(net, x0, level, noise)
             lams.append(formulation.logsnr(level).float().cpu())
             losses.append(terms.loss.detach().float().cpu())
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, lam=torch.cat(lams).numpy(), loss=torch.cat(losses).numpy())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, lam=torch.cat(lams).numpy(), loss=torch.cat(losses).numpy())
+    ckpt.atomic_write_bytes(path, buf.getbuffer())
 
 
 def make_scorer(cfg: TrainConfig, d: DistInfo):
@@ -193,15 +193,25 @@ class Evaluation:
 
 def sample_only(cfg: TrainConfig) -> str:
     """Write ``samples.npz`` (key "images", uint8 NHWC) and ``samples.png`` from the EMA weights of
-    the latest good checkpoint in ``cfg.out``. Returns the npz path."""
-    from .formulations import make_formulation
+    the latest good checkpoint in ``cfg.out``, holding the run's lock. Returns the npz path."""
     d = DistInfo()
     if not d.main:
         return ""
     cfg = cfg.validate()
+    lock_run_folder(cfg.out)
+    try:
+        return _sample_only(cfg, d)
+    finally:
+        release_run_folder(cfg.out)
+
+
+def _sample_only(cfg: TrainConfig, d: DistInfo) -> str:
+    from .formulations import make_formulation
+    from .state import checkpoint_config
+
     out = cfg.out
     path, state = ckpt.load_latest_good(checkpoint_dir(out), warn=warn, quarantine=False)
-    run_cfg = TrainConfig.from_dict(state.get("config", {})).replace(
+    run_cfg = checkpoint_config(path, state).replace(
         {k: getattr(cfg, k) for k in ("device", "sampler", "sample_steps", "rho", "num_samples", "amp")})
     device = resolve_device(run_cfg, d)
     formulation = make_formulation(run_cfg.formulation, **run_cfg.formulation_kwargs())
