@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -21,13 +22,15 @@ import torch
 
 from varweight_kernels.experiments.__main__ import main as experiments_main
 from varweight_kernels.training import builders
-from varweight_kernels.training.checkpoint import WriteError, atomic_write_bytes, load_checkpoint, save_checkpoint
+from varweight_kernels.training.checkpoint import (WriteError, atomic_write_bytes, list_checkpoints, load_checkpoint,
+                                                   save_checkpoint)
 from varweight_kernels.training.cli import main
-from varweight_kernels.training.config import ConfigError, TrainConfig
+from varweight_kernels.training.config import RESUME_MUTABLE, ConfigError, TrainConfig
 from varweight_kernels.training.data import DatasetUnavailable, load_dataset
 from varweight_kernels.training.loop import train
 from varweight_kernels.training.run_dir import MetricsLog, lock_run_folder, release_run_folder
-from tiny_runs import ROOT, TINY_FLAGS, one_thread, subprocess_env, tiny  # noqa: F401
+from tiny_runs import (ROOT, TINY_FLAGS, assert_runs_equal, assert_tree_equal, one_thread,  # noqa: F401
+                       read_metrics, strip_timing, subprocess_env, tiny)
 
 
 class Payload:
@@ -327,3 +330,80 @@ def test_a_first_interrupt_during_set_up_is_not_called_second(tmp_path, capsys, 
     assert main(["--out", str(tmp_path / "run"), *TINY_FLAGS, "--steps", "1"]) == 130
     err = capsys.readouterr().err
     assert "second" not in err and "interrupted" in err
+
+
+# -- what a resume may change, and kill -9 at any moment -------------------------------------------
+@pytest.fixture(scope="module")
+def unbroken_six(tmp_path_factory):
+    out = tmp_path_factory.mktemp("six") / "run"
+    torch.set_num_threads(1)
+    train(tiny(out, steps=6))
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_three(tmp_path_factory):
+    out = tmp_path_factory.mktemp("three") / "run"
+    torch.set_num_threads(1)
+    train(tiny(out, steps=3))
+    return out
+
+
+MUTABLE_CHANGES = {"quiet": False, "data_root": "elsewhere", "download": True, "log_every": 4, "ckpt_every": 1,
+                   "keep_ckpts": 5, "max_nonfinite": 1, "backend": "reference", "sampler": "heun",
+                   "sample_steps": 3, "rho": 5.0, "sample_every": 2, "grid_size": 2, "analysis_batches": 1,
+                   "fid_every": 5, "fid_samples": 8, "fid_weights": "unused.pt", "num_samples": 3}
+RUN_MANAGEMENT = {"preset", "out", "resume", "overwrite", "allow_trajectory_change", "sample_only", "steps"}
+
+
+def test_every_resume_mutable_field_is_covered():
+    assert set(RESUME_MUTABLE) == set(MUTABLE_CHANGES) | RUN_MANAGEMENT
+
+
+@pytest.mark.parametrize("field,value", sorted(MUTABLE_CHANGES.items()))
+def test_resume_with_a_mutable_field_changed_is_bitwise_the_unbroken_run(tmp_path, unbroken_six, first_three,
+                                                                        field, value):
+    out = copy_run(first_three, tmp_path / "run")
+    train(tiny(out, steps=6, resume=True, **{field: value}))
+    a = load_checkpoint(str(unbroken_six / "checkpoints" / "ckpt_00000006.pt"))
+    b = load_checkpoint(str(out / "checkpoints" / "ckpt_00000006.pt"))
+    if field == "log_every":  # what is logged differs by design; the training state does not
+        a.pop("log_accum"), b.pop("log_accum")
+        assert_tree_equal(a, b)
+    elif field == "fid_every":  # adds its scores to metrics.jsonl; the rest is the unbroken run's
+        assert_tree_equal(a, b)
+        scores = ("fd_digits", "fd_floor", "classifier_acc")
+        scored = [{k: v for k, v in r.items() if k not in scores} for r in strip_timing(read_metrics(out))]
+        assert [r for r in scored if len(r) > 1] == strip_timing(read_metrics(unbroken_six))
+    else:
+        assert_runs_equal(unbroken_six, out, 6)
+
+
+def test_repeated_kill9_at_random_moments_then_resume_is_bitwise(tmp_path):
+    rng = random.Random(16)
+    out, steps = tmp_path / "run", 40
+    argv = [sys.executable, str(ROOT / "train_cifar.py"), *TINY_FLAGS, "--out", str(out), "--steps", str(steps)]
+    kills = 0
+    for attempt in range(4):
+        proc = subprocess.Popen(argv + (["--resume"] if attempt else []), env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        target = 3 * (attempt + 1) + rng.randrange(3)
+        try:
+            def reached():
+                found = list_checkpoints(str(out / "checkpoints"))
+                return bool(found) and found[0][0] >= target
+            while proc.poll() is None and not reached():
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0, 0.2))  # mid-step, mid-log or mid-save: anywhere
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read()
+    assert kills >= 2
+    assert main(["--out", str(out), "--resume"]) == 0
+    train(tiny(tmp_path / "ref", steps=steps))
+    assert_runs_equal(tmp_path / "ref", out, steps)

@@ -75,7 +75,14 @@ def _extract_archive(cls, name: str, root: str, download: bool) -> None:
         raise DatasetUnavailable(f"{archive} has MD5 {digest}, expected {cls.tgz_md5}; delete it and retry "
                                  f"with --download, or point --data-root at a good copy")
     with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(root, filter="data")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(root, filter="data")
+        else:  # pragma: no cover - Pythons without the extraction filters
+            for member in tar.getmembers():
+                if member.name.startswith(("/", "..")) or ".." in member.name.split("/") or not (
+                        member.isfile() or member.isdir()):
+                    raise DatasetUnavailable(f"unsafe member {member.name!r} in {archive}")
+            tar.extractall(root)
 
 
 def _load_cifar(name: str, root: str, download: bool, split: str) -> Tuple[torch.Tensor, int]:

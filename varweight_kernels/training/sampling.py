@@ -151,6 +151,13 @@ class _RemoteScorer:
         return None
 
 
+def _own_global_rng(device: torch.device):
+    """A scope whose draws from the global RNG (a scorer initialising its nets) are undone after
+    it, so that evaluating never moves the training's dropout stream."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
 class Evaluation:
     """The EMA model during training: a grid every --sample-every steps, FID (or the digits
     metric) every --fid-every steps, and at the end a grid and the per-sample analysis."""
@@ -158,7 +165,8 @@ class Evaluation:
     def __init__(self, cfg: TrainConfig, formulation, shape, device: torch.device, d: DistInfo, autocast) -> None:
         self.cfg, self.formulation, self.shape, self.device, self.d = cfg, formulation, tuple(shape), device, d
         self.autocast = autocast
-        self.scorer = make_scorer(cfg, d) if cfg.fid_every > 0 else None
+        with _own_global_rng(device):
+            self.scorer = make_scorer(cfg, d) if cfg.fid_every > 0 else None
 
     def due(self, step: int) -> bool:
         cfg = self.cfg
@@ -173,7 +181,8 @@ class Evaluation:
             imgs = generate_distributed(cfg, self.formulation, net, cfg.fid_samples, self.shape, self.device, self.d,
                                         self.autocast)
             if self.d.main:
-                scores = self.scorer.score(imgs)
+                with _own_global_rng(self.device):
+                    scores = self.scorer.score(imgs)
                 if scores:
                     record.update({k: float(v) for k, v in scores.items()})
 
