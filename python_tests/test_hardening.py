@@ -333,20 +333,21 @@ def test_a_first_interrupt_during_set_up_is_not_called_second(tmp_path, capsys, 
 
 
 # -- what a resume may change, and kill -9 at any moment -------------------------------------------
+def finished_run(tmp_path_factory, steps: int) -> Path:
+    out = tmp_path_factory.mktemp(f"steps{steps}") / "run"
+    torch.set_num_threads(1)
+    train(tiny(out, steps=steps))
+    return out
+
+
 @pytest.fixture(scope="module")
 def unbroken_six(tmp_path_factory):
-    out = tmp_path_factory.mktemp("six") / "run"
-    torch.set_num_threads(1)
-    train(tiny(out, steps=6))
-    return out
+    return finished_run(tmp_path_factory, 6)
 
 
 @pytest.fixture(scope="module")
 def first_three(tmp_path_factory):
-    out = tmp_path_factory.mktemp("three") / "run"
-    torch.set_num_threads(1)
-    train(tiny(out, steps=3))
-    return out
+    return finished_run(tmp_path_factory, 3)
 
 
 MUTABLE_CHANGES = {"quiet": False, "data_root": "elsewhere", "download": True, "log_every": 4, "ckpt_every": 1,
