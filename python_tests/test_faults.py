@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,7 @@ from varweight_kernels.training.checkpoint import CheckpointError, list_checkpoi
 from varweight_kernels.training.config import TrainConfig
 from varweight_kernels.training.cli import main
 from varweight_kernels.training.loop import Callbacks, train
-from varweight_kernels.training.run_dir import TIMING_FIELDS
-from tiny_runs import ROOT, TINY, TINY_FLAGS, one_thread, subprocess_env  # noqa: F401
+from tiny_runs import ROOT, TINY, TINY_FLAGS, assert_runs_equal, one_thread, subprocess_env  # noqa: F401
 
 TINY = {**TINY, "weighting": "vaw"}
 TINY_FLAGS = [*TINY_FLAGS, "--weighting", "vaw"]
@@ -39,25 +37,9 @@ def cli(*args) -> list:
     return [sys.executable, str(ROOT / "train_cifar.py"), *TINY_FLAGS, *args]
 
 
-def final_params(out, step):
-    state = load_checkpoint(str(Path(out) / "checkpoints" / f"ckpt_{step:08d}.pt"))
-    return state
-
-
 def assert_same_run(out_a, out_b, step):
-    a, b = final_params(out_a, step), final_params(out_b, step)
-    for part in ("model", "ema", "weighting", "observer"):
-        for k, v in a[part].items():
-            if isinstance(v, torch.Tensor):
-                assert torch.equal(v, b[part][k]), f"{part}.{k}"
-    for k, v in a["optimizer"]["state"].items():
-        for name, t in v.items():
-            assert torch.equal(t, b["optimizer"]["state"][k][name]), f"optimizer {k}.{name}"
-    def strip(p):
-        with open(Path(p) / "metrics.jsonl") as fh:
-            return [{k: v for k, v in json.loads(line).items() if k not in TIMING_FIELDS} for line in fh]
-
-    assert strip(out_a) == strip(out_b)
+    """Parameters, optimizer, RNG states, counters, metrics and binstats: bitwise."""
+    assert_runs_equal(out_a, out_b, step)
 
 
 @pytest.fixture(scope="module")

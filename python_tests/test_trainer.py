@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,48 +23,8 @@ from varweight_kernels.training.checkpoint import load_checkpoint
 from varweight_kernels.training.cli import main, parse_config
 from varweight_kernels.training.config import build_parser, PRESETS
 from varweight_kernels.training.loop import Callbacks, train
-from varweight_kernels.training.run_dir import TIMING_FIELDS
-from tiny_runs import ROOT, TINY, TINY_FLAGS, one_thread, subprocess_env, tiny  # noqa: F401
-
-
-
-def read_metrics(out) -> list:
-    with open(Path(out) / "metrics.jsonl") as fh:
-        return [json.loads(line) for line in fh]
-
-
-def strip_timing(records) -> list:
-    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
-
-
-def assert_tree_equal(a, b, path="state"):
-    """Bitwise equality of two checkpoint trees (the config is allowed to differ: steps, resume...)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(), b.nan_to_num())), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{path}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
-        for k in a:
-            if path == "state" and k == "config":
-                continue
-            assert_tree_equal(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_tree_equal(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
-
-
-def assert_runs_equal(out_a, out_b, step):
-    a = load_checkpoint(str(Path(out_a) / "checkpoints" / f"ckpt_{step:08d}.pt"))
-    b = load_checkpoint(str(Path(out_b) / "checkpoints" / f"ckpt_{step:08d}.pt"))
-    assert_tree_equal(a, b)
-    assert strip_timing(read_metrics(out_a)) == strip_timing(read_metrics(out_b))
-    with np.load(Path(out_a) / "binstats.npz") as za, np.load(Path(out_b) / "binstats.npz") as zb:
-        assert za.files == zb.files
-        for k in za.files:
-            np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
+from tiny_runs import (ROOT, TINY, TINY_FLAGS, assert_runs_equal, one_thread, read_metrics,  # noqa: F401
+                       subprocess_env, tiny)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Tests of the diffusion-training parts: weightings, U-Net, formulations, samplers, data, RNG."""
+import hashlib
 import math
 import pickle
 
@@ -302,14 +303,24 @@ def test_missing_cifar_error_names_options(tmp_path):
     assert isinstance(err.value, RuntimeError)
 
 
-def test_cifar_extracted_folder_is_parsed(tmp_path):
+def test_cifar_extracted_folder_is_parsed(tmp_path, monkeypatch):
+    """Fabricated batches, read through torchvision once their MD5s are the published ones."""
+    import torchvision.datasets as tvd
+
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    for i, name in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
+    names = [f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
         data = np.full((2, 3072), i, dtype=np.uint8)
         data[:, 1024:2048] = 100 + i  # green plane
         with open(folder / name, "wb") as fh:
-            pickle.dump({b"data": data, b"labels": [0, 1]}, fh)
+            pickle.dump({"data": data, "labels": [0, 1]}, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [str(k) for k in range(10)]}, fh)
+    md5 = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in names + ["batches.meta"]}
+    monkeypatch.setattr(tvd.CIFAR10, "train_list", [[n, md5[n]] for n in names[:5]])
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(tvd.CIFAR10, "meta", dict(tvd.CIFAR10.meta, md5=md5["batches.meta"]))
     x, k = load_dataset("cifar10", root=str(tmp_path))
     assert k == 10 and x.shape == (10, 3, 32, 32) and x.dtype == torch.uint8
     assert x[0, 0].max() == 0 and x[0, 1].min() == 100 and x[9, 1, 5, 5] == 104

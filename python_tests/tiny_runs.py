@@ -1,13 +1,18 @@
-"""The tiny trainer configuration (digits, 8-channel U-Net) that the trainer and fault tests share."""
+"""The tiny trainer configuration (digits, 8-channel U-Net) that the trainer and fault tests share,
+and the bitwise comparison of two runs."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
+from varweight_kernels.training.checkpoint import load_checkpoint
 from varweight_kernels.training.config import TrainConfig
+from varweight_kernels.training.run_dir import TIMING_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dataset="digits", channels=8, channel_mults=(1, 2), num_res_blocks=1, attn_resolutions=(),
@@ -36,3 +41,47 @@ def subprocess_env(**extra) -> dict:
     """The environment of a trainer subprocess: one thread, this checkout importable."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 **extra)
+
+
+def read_metrics(out) -> list:
+    with open(Path(out) / "metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def strip_timing(records) -> list:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.is_floating_point() else flat
+
+
+def assert_tree_equal(a, b, path="state"):
+    """Bitwise equality of two checkpoint trees (the config is allowed to differ: steps, resume...)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(_bits(a), _bits(b)), path  # bitwise: a NaN equals only the same NaN
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{path}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for k in a:
+            if path == "state" and k == "config":
+                continue
+            assert_tree_equal(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_tree_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
+
+
+def assert_runs_equal(out_a, out_b, step):
+    a = load_checkpoint(str(Path(out_a) / "checkpoints" / f"ckpt_{step:08d}.pt"))
+    b = load_checkpoint(str(Path(out_b) / "checkpoints" / f"ckpt_{step:08d}.pt"))
+    assert_tree_equal(a, b)
+    assert strip_timing(read_metrics(out_a)) == strip_timing(read_metrics(out_b))
+    with np.load(Path(out_a) / "binstats.npz") as za, np.load(Path(out_b) / "binstats.npz") as zb:
+        assert za.files == zb.files
+        for k in za.files:
+            np.testing.assert_array_equal(za[k], zb[k], err_msg=k)

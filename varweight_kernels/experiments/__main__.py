@@ -5,6 +5,9 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ..training.checkpoint import WriteError
+from ..training.config import TrainError
+
 
 def _split_passthrough(argv: List[str]):
     if "--" in argv:
@@ -64,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
                 res = run_ablation(args.out, args.seeds, jobs=args.jobs, chosen=args.variants,
                                    passthrough=passthrough, trainer=args.trainer, dry_run=args.dry_run)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError, TrainError, WriteError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"{len(res['done'])} finished, {len(res['skipped'])} already done, {len(res['failed'])} failed")
@@ -83,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         out = build_report(args.exp, baseline=args.baseline, metric=args.metric,
                            include_unfinished=args.include_unfinished, out=args.out,
                            paper_analysis=args.paper_analysis)
-    except FileNotFoundError as e:
+    except (ValueError, FileNotFoundError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"report: {out['report']}")

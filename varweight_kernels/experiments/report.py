@@ -31,6 +31,7 @@ from .dynamics import fmt
 from .figures import (loss_vs_logsnr, plot_loss_vs_logsnr, plot_metric_vs_step, plot_paired_diff_vs_step,
                       plot_variance_heatmap, plot_vaw_weights, plot_why, weight_diagnostics)
 from .variance import CSV_HEADER as PAPER_VARIANCE_HEADER, paper_variance_analysis, paper_variance_markdown
+from .runner import read_experiment
 
 METRIC_PREFERENCE = ("fid", "fd_digits")
 METRIC_TEXT = {
@@ -91,9 +92,12 @@ def _read_jsonl(path: Path) -> List[Dict]:
         if not line:
             continue
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue  # a line cut by a crash
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: a line is not a metrics record (a JSON object): {line[:60]}")
+        out.append(record)
     return out
 
 
@@ -119,16 +123,17 @@ def _read_persample(run_dir: Path) -> Optional[Dict[str, np.ndarray]]:
 
 
 def _read_json(path: Path) -> Dict:
-    """A JSON object from ``path``; {} when the file is missing or unreadable."""
+    """A JSON object from ``path``; {} when the file is missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_runs(exp: Path) -> Tuple[List[Run], Dict]:
     exp = Path(exp)
-    meta = _read_json(exp / "experiment.json")
+    meta = read_experiment(exp)
     variants = meta.get("variants", {})
     runs = []
     root = exp / "runs"

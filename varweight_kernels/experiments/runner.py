@@ -15,6 +15,7 @@ parameter is tried (``min-snr.gamma`` -> ``--gamma``).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -25,6 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..training.checkpoint import atomic_write_bytes
+from ..training.run_dir import RUN_MARKER, run_folder_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -123,7 +127,7 @@ def run_state(run_dir: Path) -> str:
     ck = run_dir / "checkpoints"
     if ck.is_dir() and any(p.suffix == ".pt" and p.name.startswith("ckpt_") for p in ck.iterdir()):
         return "resume"
-    if (run_dir / "config.json").exists() or (run_dir / "metrics.jsonl").exists():
+    if any((run_dir / name).exists() for name in (RUN_MARKER, "config.json", "metrics.jsonl")):
         return "restart"
     return "new"
 
@@ -141,14 +145,32 @@ def build_command(spec: RunSpec, trainer: Path, preset: Optional[str], passthrou
     return cmd
 
 
+def read_experiment(out: Path) -> Dict:
+    """``OUT/experiment.json`` checked for the shape ``run`` writes ({} when absent); a file of
+    another shape is a one-line ``ValueError``, never a traceback later."""
+    path = Path(out) / "experiment.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}); move it away to start the record anew") from None
+    shapes = {"invocations": list, "variants": dict, "methods": list, "seeds": list}
+    problems = [] if isinstance(data, dict) else ["it is not a JSON object"]
+    if not problems:
+        problems = [f"its {key!r} is not a JSON {'array' if kind is list else 'object'}"
+                    for key, kind in shapes.items() if key in data and not isinstance(data[key], kind)]
+        if not problems:
+            problems = [f"its variant {label!r} is not an object" for label, v in data.get("variants", {}).items()
+                        if not isinstance(v, dict)]
+    if problems:
+        raise ValueError(f"{path} is not an experiment record: {'; '.join(problems)}")
+    return data
+
+
 def _merge_experiment(out: Path, record: Dict) -> None:
     path = out / "experiment.json"
-    data = {"invocations": [], "variants": {}}
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-        except ValueError:
-            pass
+    data = read_experiment(out) or {"invocations": [], "variants": {}}
     data.setdefault("invocations", []).append(record["invocation"])
     data.setdefault("variants", {}).update(record["variants"])
     for k in ("preset", "methods", "seeds"):
@@ -158,9 +180,13 @@ def _merge_experiment(out: Path, record: Dict) -> None:
                 data[k] = prev + [x for x in record[k] if x not in prev]
             else:
                 data[k] = record[k]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(str(path), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _open_log(run_dir: Path):
+    """The run's train.log for appending; O_NOFOLLOW: a planted link fails instead of being written through."""
+    fd = os.open(run_dir / "train.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    return open(fd, "a")
 
 
 def run_experiment(out: str, methods: Sequence[str], seeds: Sequence[int], preset: Optional[str] = None,
@@ -183,9 +209,18 @@ def run_specs(out: str, specs: Sequence[RunSpec], seeds: Sequence[int], preset: 
     if passthrough and passthrough[0] == "--":
         passthrough = passthrough[1:]
     methods = list(dict.fromkeys(s.method for s in specs))
-    result = {"done": [], "skipped": [], "failed": []}
     if not dry_run:
         outp.mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext() if dry_run else run_folder_lock(str(outp)):  # one `run` per experiment
+        return _run_planned(outp, specs, trainer_path, preset, invocation, passthrough, methods, seeds, jobs,
+                            dry_run, python, stream)
+
+
+def _run_planned(outp: Path, specs: Sequence[RunSpec], trainer_path: Path, preset: Optional[str], invocation: Dict,
+                 passthrough: List[str], methods: Sequence[str], seeds: Sequence[int], jobs: int, dry_run: bool,
+                 python: str, stream) -> Dict[str, List[str]]:
+    result = {"done": [], "skipped": [], "failed": []}
+    if not dry_run:
         _merge_experiment(outp, {
             "invocation": {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "preset": preset, **invocation,
                            "seeds": [int(s) for s in seeds], "passthrough": passthrough, "trainer": str(trainer_path)},
@@ -226,7 +261,7 @@ def run_specs(out: str, specs: Sequence[RunSpec], seeds: Sequence[int], preset: 
         if dry_run:
             continue
         Path(spec.out).mkdir(parents=True, exist_ok=True)
-        fh = open(Path(spec.out) / "train.log", "a")
+        fh = _open_log(Path(spec.out))
         fh.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(cmd)}\n")
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(Path.cwd()))

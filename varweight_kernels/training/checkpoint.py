@@ -12,8 +12,8 @@ dicts, every RNG state as a uint8 tensor). Both layers are read with
 ``torch.load(..., weights_only=True)``, so a file that needs any other pickled object is refused
 and never executed; the checksum catches flipped bytes, the zip reader truncation.
 
-Writes are atomic: the bytes go to a hidden temp file in the same folder, which is flushed,
-fsync'ed, renamed over the final name, and the folder fsync'ed. A crash at any point leaves
+Writes are atomic: the bytes go to a fresh hidden temp file in the same folder (never through a
+planted link), which is flushed, fsync'ed, renamed over the final name, and the folder fsync'ed. A crash at any point leaves
 the previous checkpoints intact (a stray temp file at worst, ignored and cleaned on resume).
 A failed write (disk full, unwritable folder) raises ``CheckpointError`` and removes the temp
 file. ``prune_checkpoints`` keeps the newest ``keep >= 2``, so a previous good one survives.
@@ -26,6 +26,7 @@ import io
 import os
 import pickle
 import re
+import secrets
 import time
 import warnings
 from typing import Any, Callable, Dict, List, Tuple
@@ -34,12 +35,12 @@ import torch
 
 __all__ = ["CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint",
            "list_checkpoints", "checkpoint_path", "load_latest_good", "prune_checkpoints",
-           "clean_temp_files", "check_plain", "atomic_write_bytes", "SAVE_SLEEP_ENV"]
+           "clean_temp_files", "check_plain", "atomic_write_bytes", "WriteError", "write_reason", "SAVE_SLEEP_ENV"]
 
 FORMAT_NAME = "varweight-checkpoint"
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^ckpt_(\d{8,})\.pt$")
-_TMP_PREFIX = ".tmp-"
+TEMP_PREFIX = ".tmp-"
 # Test hook: seconds to sleep half-way through writing a checkpoint's temp file (to kill -9 a
 # process in the middle of a save). Never set in normal use.
 SAVE_SLEEP_ENV = "VARWEIGHT_TEST_SAVE_SLEEP"
@@ -47,6 +48,14 @@ SAVE_SLEEP_ENV = "VARWEIGHT_TEST_SAVE_SLEEP"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file and says why."""
+
+
+class WriteError(RuntimeError):
+    """A file of the run could not be written (disk full, unwritable); its old content is intact."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"could not write {path}: {reason}; its previous content is intact")
+        self.path, self.reason = path, reason
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -84,15 +93,24 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def write_reason(exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason += " (disk full or file-size limit)"
+    return reason
+
+
 def atomic_write_bytes(path: str, data, sleep_halfway: float = 0.0) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename,
-    fsync folder). On failure the temp file is removed and ``OSError`` propagates; ``path``
-    keeps its old content (or stays absent)."""
+    """Write ``data`` to ``path`` atomically: a fresh temp file in the same folder (created with
+    O_EXCL | O_NOFOLLOW, so a planted link is never followed), fsync, rename over ``path`` (which
+    replaces a link there rather than writing through it), fsync the folder. On failure the temp
+    file is removed and ``WriteError`` names ``path``, which keeps its old content (or stays absent)."""
     folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f"{_TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
+    tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
     view = memoryview(data)
     try:
-        with open(tmp, "wb") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with open(fd, "wb") as fh:
             if sleep_halfway > 0:
                 half = len(view) // 2
                 fh.write(view[:half])
@@ -104,11 +122,13 @@ def atomic_write_bytes(path: str, data, sleep_halfway: float = 0.0) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise WriteError(path, write_reason(exc)) from None
         raise
     _fsync_dir(folder)
 
@@ -130,11 +150,8 @@ def save_checkpoint(state: Dict[str, Any], path: str) -> None:
     sleep = float(os.environ.get(SAVE_SLEEP_ENV, "0") or 0)
     try:
         atomic_write_bytes(path, out.getbuffer(), sleep_halfway=sleep)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            reason += " (disk full or file-size limit)"
-        raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
+    except WriteError as exc:
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.reason}; "
                               "the previous checkpoints are intact") from None
 
 
@@ -222,7 +239,7 @@ def clean_temp_files(folder: str) -> None:
     except FileNotFoundError:
         return
     for n in names:
-        if n.startswith(_TMP_PREFIX):
+        if n.startswith(TEMP_PREFIX):
             try:
                 os.unlink(os.path.join(folder, n))
             except OSError:

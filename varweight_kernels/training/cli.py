@@ -4,7 +4,7 @@ and/or ``export_run``.
 ``--print-config`` prints the fully resolved config (defaults, preset, saved run, flags) as
 JSON and exits, so what a preset means can be read without starting a run.
 
-Every user-facing failure (``TrainError``, ``ConfigError``, ``CheckpointError``) is one line on
+Every user-facing failure (``TrainError``, ``ConfigError``, ``CheckpointError``, ``WriteError``) is one line on
 stderr and a non-zero exit status; never a traceback.
 """
 from __future__ import annotations
@@ -15,21 +15,23 @@ from typing import List, Optional, Tuple
 
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, WriteError
 from .config import ConfigError, TrainConfig, TrainError, build_parser, explicit_flags, resolve_config
 from .distributed import DistInfo
 from .export import export_run
 from .loop import Callbacks, train
-from .run_dir import read_saved_config
+from .run_dir import run_folder_lock
 from .run_index import write_run_index
 from .sampling import sample_only
+from .signals import SecondInterrupt
+from .state import saved_config
 
 __all__ = ["parse_config", "main"]
 
 
 def parse_config(argv: Optional[List[str]] = None, prog: str = "train_cifar.py") -> TrainConfig:
-    """flag > preset > default; on --resume / --sample-only / --export the saved run's config replaces
-    the defaults."""
+    """flag > preset > default; on --resume / --sample-only / --export the config of the run's latest
+    good checkpoint replaces the defaults (config.json is only a copy for people and tools)."""
     return _parse(argv, prog)[0]
 
 
@@ -43,8 +45,9 @@ def _parse(argv: Optional[List[str]], prog: str) -> Tuple[TrainConfig, bool]:
     base = None
     if flags.get("resume") or flags.get("sample_only") or flags.get("export"):
         out = flags.get("out", TrainConfig().out)
-        base = read_saved_config(out)
-        base = base.replace({"resume": False, "overwrite": False, "sample_only": False})
+        base = saved_config(out)
+        base = base.replace({"resume": False, "overwrite": False, "sample_only": False, "export": "",
+                             "allow_trajectory_change": False})
     return resolve_config(flags, base), args.print_config
 
 
@@ -58,21 +61,25 @@ def main(argv: Optional[List[str]] = None, callbacks: Optional[Callbacks] = None
                 print(json.dumps(cfg.validate().to_dict(), indent=2))
             return 0
         if cfg.sample_only:
-            sample_only(cfg)
-        if cfg.export:
-            export_run(cfg)
+            sample_only(cfg)  # holds the run's lock while it writes
         if not (cfg.sample_only or cfg.export):
             train(cfg, callbacks)
         elif d.main:
-            write_run_index(cfg.out)
+            with run_folder_lock(cfg.out):  # no trainer may write the run meanwhile
+                if cfg.export:
+                    export_run(cfg)
+                write_run_index(cfg.out)
         return 0
-    except (TrainError, ConfigError, CheckpointError) as exc:
+    except (TrainError, ConfigError, CheckpointError, WriteError) as exc:
         if d.main or not isinstance(exc, ConfigError):
             prefix = "error" if d.world == 1 else f"error (rank {d.rank})"
             print(f"{prefix}: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
         return 1
-    except KeyboardInterrupt:
+    except SecondInterrupt:
         print("aborted by a second interrupt; no checkpoint written for the current step", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # outside the training loop (set-up, the final samples): nothing half-written
+        print("interrupted outside the training loop; the files written so far are intact", file=sys.stderr)
         return 130
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -23,8 +23,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..backends.registry import BACKEND_NAMES
 
 __all__ = ["TrainConfig", "ConfigError", "TrainError", "PRESETS", "WEIGHTINGS", "DATASETS", "FORMULATIONS",
-           "NOISE_SAMPLINGS", "SAMPLERS", "ARCHITECTURES", "SNR_CONVENTIONS", "RESUME_MUTABLE", "build_parser",
-           "explicit_flags", "resolve_config", "config_diff"]
+           "NOISE_SAMPLINGS", "SAMPLERS", "ARCHITECTURES", "SNR_CONVENTIONS", "RESUME_MUTABLE", "TRAJECTORY_FIELDS",
+           "build_parser", "explicit_flags", "resolve_config", "config_diff"]
 
 WEIGHTINGS = ("uniform", "vaw", "seed-cauchy", "seed-standardized", "min-snr", "p2", "edm2")
 DATASETS = ("cifar10", "cifar100", "digits")
@@ -53,6 +53,9 @@ class TrainConfig:
     out: str = field(default="runs/train", metadata={"help": "run folder (config, metrics, checkpoints, samples)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest good checkpoint in --out"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing run's files in --out and start anew"})
+    allow_trajectory_change: bool = field(default=False, metadata={
+        "help": "let --resume change --amp, --compile or --device (the run then departs from its unbroken "
+                "trajectory; recorded in metrics.jsonl)"})
     seed: int = field(default=0, metadata={"help": "base seed; every RNG stream derives from (seed, stream, rank)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     quiet: bool = field(default=False, metadata={"help": "no progress bar or log lines (errors still print)"})
@@ -169,6 +172,8 @@ class TrainConfig:
     def from_dict(cls, d: Dict[str, Any], strict: bool = False) -> "TrainConfig":
         """A saved config; a field it predates takes the value that keeps its old behaviour
         (``OLD_CONFIG_VALUES``), else the default."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
         cfg = cls()
         return cfg.replace({**OLD_CONFIG_VALUES, **d}, strict=strict)
 
@@ -207,6 +212,9 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         def bad(msg: str) -> None:
             raise ConfigError(msg)
+
+        for f in fields(self):  # the types first (a dataclass does not check them)
+            _coerce(f, getattr(self, f.name))
 
         choices = {"dataset": DATASETS, "weighting": WEIGHTINGS, "formulation": FORMULATIONS,
                    "noise_sampling": NOISE_SAMPLINGS, "sampler": SAMPLERS, "backend": VAW_BACKENDS,
@@ -263,32 +271,45 @@ class TrainConfig:
 
 
 def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` as the field's type, or ConfigError: strings are parsed (flags, "1,2,4"), an int
+    widens to a float, but a float or bool is never truncated into an int, nor a number into a bool."""
     default = f.default
+    flag = "--" + f.name.replace("_", "-")
     if isinstance(default, tuple):
+        if not isinstance(value, (str, list, tuple)):
+            raise ConfigError(f"{flag}: expected a list, got {value!r}")
         raw = [value] if isinstance(value, str) else list(value)
         items = []
         for v in raw:  # accepts "1,2,4", ["1", "2", "4"], ["1,2,4"], [1, 2, 4] and "none"
             tokens = str(v).replace(",", " ").split() if isinstance(v, str) else [v]
             items.extend(t for t in tokens if not (isinstance(t, str) and t.lower() == "none"))
         elem = type(default[0]) if default else int
-        try:
-            return tuple(elem(v) for v in items)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--{f.name.replace('_', '-')}: cannot read {value!r} as a list of {elem.__name__}") from None
-    if isinstance(default, bool):
+        return tuple(_scalar(flag, elem, v) for v in items)
+    return _scalar(flag, type(default), value)
+
+
+def _scalar(flag: str, kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return value.lower() in ("1", "true", "yes")
+        raise ConfigError(f"{flag}: expected true/false, got {value!r}")
+    if kind is str:
         if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes"):
-                return True
-            if value.lower() in ("0", "false", "no"):
-                return False
-            raise ConfigError(f"--{f.name.replace('_', '-')}: expected true/false, got {value!r}")
-        return bool(value)
-    if isinstance(default, (int, float, str)):
-        try:
-            return type(default)(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"--{f.name.replace('_', '-')}: cannot read {value!r} as {type(default).__name__}") from None
-    return value
+            return value
+        raise ConfigError(f"{flag}: expected a string, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{flag}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if kind is int and isinstance(value, float):
+        raise ConfigError(f"{flag}: expected an integer, got {value!r}")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag}: cannot read {value!r} as {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(number):
+        raise ConfigError(f"{flag}: expected a finite number, got {value!r}")
+    return number
 
 
 # ------------------------------------------------------------------------------------------
@@ -340,11 +361,15 @@ OLD_CONFIG_VALUES = {"snr_convention": "sigma-data"}
 
 # Fields that may change between a run and its --resume (they do not alter the trajectory).
 RESUME_MUTABLE = frozenset({
-    "preset", "out", "resume", "overwrite", "device", "quiet", "compile", "amp", "data_root", "download",
+    "preset", "out", "resume", "overwrite", "allow_trajectory_change", "quiet", "data_root", "download",
     "steps", "log_every", "ckpt_every", "keep_ckpts", "max_nonfinite", "backend", "sampler", "sample_steps",
-    "rho", "sample_every", "grid_size", "analysis_batches", "fid_every", "fid_samples", "fid_weights", "sample_only", "num_samples",
+    "rho", "sample_every", "grid_size", "analysis_batches", "fid_every", "fid_steps", "fid_samples", "fid_weights",
+    "sample_only", "num_samples",
     "export", "export_weights",
 })
+# Fields a --resume changes only with --allow-trajectory-change: the arithmetic differs (bf16
+# autocast, compiled kernels, another device), so the run departs from its unbroken trajectory.
+TRAJECTORY_FIELDS = frozenset({"amp", "compile", "device"})
 
 
 def config_diff(saved: "TrainConfig", new: "TrainConfig", ignore=RESUME_MUTABLE) -> List[str]:

@@ -5,21 +5,20 @@ num_classes)`` for:
 
 - "cifar10" / "cifar100": the official python-version archives (cifar-10-python.tar.gz,
   cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/), extracted under ``root``
-  (the same layout torchvision uses: ``root/cifar-10-batches-py``, ``root/cifar-100-python``).
-  ``download=True`` fetches the archive and checks its MD5 first. The batches are pickles
-  (the official format) read with ``encoding="bytes"``.
+  (torchvision's layout: ``root/cifar-10-batches-py``, ``root/cifar-100-python``) and read by
+  ``torchvision.datasets.CIFAR10/100``, which check every batch file's published MD5 before
+  unpickling it: a folder holding other pickles is refused, never loaded. An archive found
+  under ``root`` (or fetched with ``download=True``) is checked against its MD5 and extracted.
 - "digits": scikit-learn's bundled 8x8 digits (1797 images, 1 channel), 0..16 scaled to 0..255.
 
-A missing dataset without ``download`` raises ``DatasetUnavailable``, naming the options.
+A missing or corrupted dataset raises ``DatasetUnavailable``, naming the options.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tarfile
-import urllib.request
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -31,28 +30,7 @@ class DatasetUnavailable(RuntimeError):
     """The dataset files are not under the data root and downloading was not requested (or failed)."""
 
 
-_CIFAR = {
-    "cifar10": {
-        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        "archive": "cifar-10-python.tar.gz",
-        "md5": "c58f30108f718f92721af3b95e74349a",
-        "folder": "cifar-10-batches-py",
-        "train": [f"data_batch_{i}" for i in range(1, 6)],
-        "test": ["test_batch"],
-        "label_key": b"labels",
-        "num_classes": 10,
-    },
-    "cifar100": {
-        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        "archive": "cifar-100-python.tar.gz",
-        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
-        "folder": "cifar-100-python",
-        "train": ["train"],
-        "test": ["test"],
-        "label_key": b"fine_labels",
-        "num_classes": 100,
-    },
-}
+_CIFAR = {"cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100)}
 DATASETS = ("cifar10", "cifar100", "digits")
 
 
@@ -64,60 +42,63 @@ def _md5(path: str) -> str:
     return h.hexdigest()
 
 
-def _unavailable(name: str, root: str, detail: str) -> DatasetUnavailable:
+def _cifar_class(name: str):
+    try:
+        import torchvision.datasets as tvd
+    except ImportError as exc:
+        raise DatasetUnavailable(f"{name} needs torchvision (pip install torchvision): {exc}") from None
+    return getattr(tvd, _CIFAR[name][0])
+
+
+def _unavailable(cls, name: str, root: str, detail: str) -> DatasetUnavailable:
     return DatasetUnavailable(
         f"{name} is not available under {os.path.abspath(root)!r} ({detail}). Put the official archive "
-        f"{_CIFAR[name]['archive']} (or its extracted folder {_CIFAR[name]['folder']}/) there and point "
-        f"--data-root at it, pass --download to fetch it from {_CIFAR[name]['url']}, or run offline with "
+        f"{cls.filename} (or its extracted folder {cls.base_folder}/) there and point "
+        f"--data-root at it, pass --download to fetch it from {cls.url}, or run offline with "
         f"--dataset digits (bundled with scikit-learn).")
 
 
-def _ensure_cifar(name: str, root: str, download: bool) -> str:
-    info = _CIFAR[name]
-    folder = os.path.join(root, info["folder"])
-    needed = info["train"] + info["test"]
-    if all(os.path.isfile(os.path.join(folder, f)) for f in needed):
-        return folder
-    archive = os.path.join(root, info["archive"])
+def _extract_archive(cls, name: str, root: str, download: bool) -> None:
+    """Check the archive under ``root`` (fetched first with ``download``) against its MD5 and
+    extract it; the batch files are checked again when they are read."""
+    archive = os.path.join(root, cls.filename)
     if not os.path.isfile(archive):
         if not download:
-            raise _unavailable(name, root, "no extracted folder and no archive")
-        os.makedirs(root, exist_ok=True)
-        tmp = archive + ".part"
+            raise _unavailable(cls, name, root, "no archive, and no extracted folder whose files pass their published MD5 checksums")
+        from torchvision.datasets.utils import download_url
         try:
-            urllib.request.urlretrieve(info["url"], tmp)
+            download_url(cls.url, root, filename=cls.filename, md5=cls.tgz_md5)
         except Exception as exc:  # network errors of every kind
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise _unavailable(name, root, f"download failed: {exc}") from exc
-        os.replace(tmp, archive)
+            raise _unavailable(cls, name, root, f"download failed: {exc}") from None
     digest = _md5(archive)
-    if digest != info["md5"]:
-        raise DatasetUnavailable(f"{archive} has MD5 {digest}, expected {info['md5']}; delete it and retry "
+    if digest != cls.tgz_md5:
+        raise DatasetUnavailable(f"{archive} has MD5 {digest}, expected {cls.tgz_md5}; delete it and retry "
                                  f"with --download, or point --data-root at a good copy")
     with tarfile.open(archive, "r:gz") as tar:
         if hasattr(tarfile, "data_filter"):
             tar.extractall(root, filter="data")
-        else:  # pragma: no cover - old Pythons
+        else:  # pragma: no cover - Pythons without the extraction filters
             for member in tar.getmembers():
-                if member.name.startswith(("/", "..")) or ".." in member.name.split("/"):
-                    raise DatasetUnavailable(f"unsafe path {member.name!r} in {archive}")
+                if member.name.startswith(("/", "..")) or ".." in member.name.split("/") or not (
+                        member.isfile() or member.isdir()):
+                    raise DatasetUnavailable(f"unsafe member {member.name!r} in {archive}")
             tar.extractall(root)
-    if not all(os.path.isfile(os.path.join(folder, f)) for f in needed):
-        raise _unavailable(name, root, f"{archive} did not contain the expected files")
-    return folder
 
 
 def _load_cifar(name: str, root: str, download: bool, split: str) -> Tuple[torch.Tensor, int]:
-    info = _CIFAR[name]
-    folder = _ensure_cifar(name, root, download)
-    arrays = []
-    for fname in info[split]:
-        with open(os.path.join(folder, fname), "rb") as f:
-            entry: Dict[bytes, object] = pickle.load(f, encoding="bytes")  # official CIFAR format
-        data = entry[b"data"]
-        arrays.append(torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 3, 32, 32))
-    return torch.cat(arrays).contiguous(), info["num_classes"]
+    from torchvision.datasets.utils import check_integrity
+
+    cls = _cifar_class(name)
+    folder = os.path.join(root, cls.base_folder)
+    if not all(check_integrity(os.path.join(folder, f), md5) for f, md5 in cls.train_list + cls.test_list):
+        _extract_archive(cls, name, root, download)
+    try:
+        ds = cls(root, train=split == "train", download=False)
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        raise _unavailable(cls, name, root, f"{cls.base_folder}/ is incomplete or fails its published "
+                                            f"MD5 checksums, and so was not read") from None
+    images = torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous()  # torchvision holds NHWC uint8
+    return images, _CIFAR[name][1]
 
 
 def _load_digits() -> Tuple[torch.Tensor, int]:

@@ -43,12 +43,12 @@ from .builders import (EMA, autocast_context, build_batches, build_model, build_
 from .config import TrainConfig, TrainError
 from .distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed, resolve_device
 from .rng import derive_seed, make_generators
-from .run_dir import (MetricsLog, check_run_folder, clear_run, format_record, interval_record,
-                      latest_checkpoint, mark_done, new_accumulator, say, write_run_config)
+from .run_dir import (MetricsLog, check_run_folder, clear_run, format_record, interval_record, latest_checkpoint,
+                      mark_done, new_accumulator, release_run_folder, say, write_run_config)
 from .run_index import write_run_index
 from .sampling import Evaluation
 from .signals import StopSignal
-from .state import TrainState
+from .state import TrainState, read_resume_point
 
 __all__ = ["train", "Callbacks"]
 
@@ -70,7 +70,15 @@ class Callbacks:
 
 def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, Any]:
     """Run (or resume) training as configured. Returns a summary dict. Raises TrainError,
-    ConfigError or CheckpointError with a one-line message on user-facing failures."""
+    ConfigError, CheckpointError or WriteError with a one-line message on user-facing failures.
+    ``--out`` stays locked against other trainers until it returns."""
+    try:
+        return _train(cfg, callbacks)
+    finally:
+        release_run_folder(cfg.out)
+
+
+def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
     from .data import to_model_range
     from .formulations import make_formulation
 
@@ -93,6 +101,7 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
         torch.backends.cudnn.benchmark = True
     autocast = autocast_context(cfg, device)
     quiet = cfg.quiet or not d.main
+    resume_point = read_resume_point(cfg, d) if cfg.resume else None  # before any data is read
 
     # -- the pieces ----------------------------------------------------------------------------
     images = load_data(cfg)
@@ -121,13 +130,15 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
 
     # -- fresh, or from the latest good checkpoint ------------------------------------------------
     log = MetricsLog(out, enabled=d.main)
-    if cfg.resume:
-        path, saved = state.resume(cfg, d, device)
-        log.truncate_to(state.step, saved.log_every)
-        say(f"resumed from {path} at step {state.step}", quiet)
+    if resume_point is not None:
+        state.resume(resume_point, d, device, cfg.seed)
+        log.truncate_to(state.step, resume_point.config.log_every)
+        if resume_point.trajectory_changes:
+            log.write({"step": state.step, "trajectory_change": resume_point.trajectory_changes})
+        say(f"resumed from {resume_point.path} at step {state.step}", quiet)
     elif d.main and cfg.overwrite:
         clear_run(out)
-    run_config = cfg.replace({"resume": False, "overwrite": False}).to_dict()
+    run_config = cfg.replace({"resume": False, "overwrite": False, "allow_trajectory_change": False}).to_dict()
     if d.main:
         write_run_config(out, run_config, state.step, cfg.steps)
     d.barrier()

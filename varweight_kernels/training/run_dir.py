@@ -3,31 +3,45 @@ binstats.npz, the DONE marker, and the console lines.
 
 Layout (docs/DESIGN.md): ``config.json``, ``metrics.jsonl``, ``binstats.npz``,
 ``persample.npz``, ``samples_step*.png``, ``checkpoints/ckpt_XXXXXXXX.pt``, ``DONE``;
-``--sample-only`` adds ``samples.npz`` and ``samples.png``. A run never writes outside it.
+``--sample-only`` adds ``samples.npz`` and ``samples.png``. ``.varweight-run`` marks the folder
+as a run (``--overwrite`` removes the trainer's files there and refuses a folder holding others);
+``.varweight-lock`` is flock'ed by the one process writing the run. A run never writes outside
+its folder: every file is replaced atomically (``checkpoint.atomic_write_bytes``) or appended
+with O_NOFOLLOW; a failed write is a one-line ``WriteError``.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import fnmatch
 import io
 import json
 import os
-import shutil
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+import time
+import uuid
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, TrainError, config_diff
+from .config import TrainConfig, TrainError
 
-__all__ = ["RUN_FILES", "TIMING_FIELDS", "LOG_FIELDS", "checkpoint_dir", "latest_checkpoint", "run_exists",
-           "check_run_folder", "check_writable", "clear_run", "write_json_atomic", "read_saved_config",
+__all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_MARKER", "LOCK_FILE", "TOLERATED", "TIMING_FIELDS", "LOG_FIELDS",
+           "checkpoint_dir", "latest_checkpoint", "folder_kind", "foreign_files", "check_run_folder",
+           "lock_run_folder", "release_run_folder", "run_folder_lock", "check_writable", "clear_run", "write_json_atomic",
            "write_run_config", "mark_done", "MetricsLog", "new_accumulator", "accumulate", "interval_record",
            "format_record", "say", "warn"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "binstats.npz", "persample.npz", "DONE", "samples.npz", "samples.png",
              "index.md")
+RUN_FOLDERS = ("checkpoints", "tensorboard")
+RUN_MARKER = ".varweight-run"  # JSON {"run_id", "created"}: this folder is a run, --overwrite may clear it
+LOCK_FILE = ".varweight-lock"  # flock'ed by the process that writes the run
+TOLERATED = ("train.log",)  # written by `experiments run` next to the run; kept by --overwrite
+_HELD_LOCKS: Dict[str, int] = {}
 TIMING_FIELDS = ("images_per_s", "elapsed_s")  # the only fields a resumed run does not reproduce
 LOG_FIELDS = ("loss", "weighted_loss", "lr", "grad_norm", "images_per_s", "elapsed_s", "nonfinite", "skipped_steps",
               "nonfinite_samples", "epoch", "vaw_weight_min", "vaw_weight_max", "final")
@@ -52,30 +66,132 @@ def latest_checkpoint(out: str) -> Optional[str]:
     return found[0][1] if found else None
 
 
-def run_exists(out: str) -> bool:
+def _is_run_file(rel: str) -> bool:
+    """Whether ``rel`` (a path inside the run folder) names a file the trainer writes."""
+    parts = rel.split("/")
+    name = parts[-1]
+    temp = name.startswith((ckpt.TEMP_PREFIX, ".write-test-"))
+    if len(parts) == 1:
+        return (name in RUN_FILES or name in (RUN_MARKER, LOCK_FILE) or temp
+                or fnmatch.fnmatchcase(name, "samples_step*.png"))
+    if len(parts) == 2 and parts[0] == "checkpoints":
+        return temp or fnmatch.fnmatchcase(name, "ckpt_*.pt") or fnmatch.fnmatchcase(name, "ckpt_*.pt.corrupt")
+    return len(parts) == 2 and parts[0] == "tensorboard" and name.startswith("events.out.tfevents.")
+
+
+def _folder_entries(out: str) -> List[str]:
+    """Paths in ``out`` relative to it: files and links, and the contents of its real
+    checkpoints/ and tensorboard/ folders (a link or another folder is listed as such)."""
+    found = []
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if name in RUN_FOLDERS and os.path.isdir(path) and not os.path.islink(path):
+            found += [f"{name}/{sub}" for sub in sorted(os.listdir(path))]
+        else:
+            found.append(name + ("/" if os.path.isdir(path) and not os.path.islink(path) else ""))
+    return found
+
+
+def foreign_files(out: str) -> List[str]:
+    """What in ``out`` the trainer did not write (``TOLERATED`` files aside)."""
+    return [rel for rel in _folder_entries(out) if not _is_run_file(rel) and rel not in TOLERATED]
+
+
+def folder_kind(out: str) -> str:
+    """"run" (a run marker, or a run of an older version: config.json and a checkpoint), "empty"
+    (nothing but the lock, tolerated files and empty run folders) or "other"."""
     if not os.path.isdir(out):
-        return False
-    return (os.path.exists(os.path.join(out, "config.json")) or os.path.exists(os.path.join(out, "metrics.jsonl"))
-            or bool(ckpt.list_checkpoints(checkpoint_dir(out))))
+        return "empty"
+    marker = os.path.join(out, RUN_MARKER)
+    if os.path.isfile(marker) and not os.path.islink(marker):
+        return "run"
+    legacy_config = os.path.join(out, "config.json")
+    if os.path.isfile(legacy_config) and not os.path.islink(legacy_config) and ckpt.list_checkpoints(checkpoint_dir(out)):
+        return "run"
+    return "other" if _occupants(out) else "empty"
+
+
+def _occupants(out: str) -> List[str]:
+    """What in ``out`` keeps it from counting as empty (a leftover lock or probe does not)."""
+    inert = {LOCK_FILE, *TOLERATED}
+    return [rel for rel in _folder_entries(out) if rel not in inert and not rel.startswith(".write-test-")]
+
+
+def _refuse_out(out: str) -> None:
+    """The filesystem root and the home folder are never run folders (an --overwrite there
+    would delete the user's checkpoints/)."""
+    real = os.path.realpath(out)
+    if real == os.path.realpath(os.sep) or real == os.path.realpath(os.path.expanduser("~")):
+        raise TrainError(f"--out {out} is {'the filesystem root' if real == os.path.realpath(os.sep) else 'your home folder'}; "
+                         "choose a folder of its own for the run")
+    for name in RUN_FOLDERS:
+        if os.path.islink(os.path.join(out, name)):
+            raise TrainError(f"{os.path.join(out, name)} is a link; a run writes only inside its own folder")
 
 
 def check_run_folder(cfg: TrainConfig, main_rank: bool) -> None:
-    """Before any training: refuse to clobber a run or to resume a missing or different one, and
-    prove ``--out`` writable (on rank 0)."""
+    """Before any training: refuse the root or home folder, a folder another trainer holds, a
+    folder of someone else's files, clobbering a run (without --overwrite) or resuming a missing
+    one; prove ``--out`` writable and lock it (on rank 0)."""
     out = cfg.out
     if cfg.resume and cfg.overwrite:
         raise TrainError("--resume and --overwrite exclude each other")
-    exists = run_exists(out)
-    if exists and not (cfg.resume or cfg.overwrite):
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
-    if cfg.resume and not exists:
-        raise TrainError(f"--resume: no run in {out} to continue")
+    _refuse_out(out)
     if main_rank:
         check_writable(out)
+        lock_run_folder(out)
+    kind = folder_kind(out)
     if cfg.resume:
-        diffs = config_diff(read_saved_config(out), cfg)
-        if diffs:
-            raise TrainError(f"cannot resume {out}: the config differs from the saved run in " + "; ".join(diffs))
+        if kind != "run":
+            raise TrainError(f"--resume: no run in {out} to continue")
+        return
+    if kind == "other":
+        raise TrainError(f"{out} is not empty and holds no run ({_names(_occupants(out))}); "
+                         "choose an empty or new folder")
+    if kind == "run" and not cfg.overwrite:
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
+    if kind == "run" and foreign_files(out):
+        raise TrainError(f"--overwrite: {out} also holds files the run did not write ({_names(foreign_files(out))}); "
+                         "move them away first")
+
+
+def _names(rels: List[str], shown: int = 5) -> str:
+    more = f" and {len(rels) - shown} more" if len(rels) > shown else ""
+    return ", ".join(rels[:shown]) + more
+
+
+def lock_run_folder(out: str) -> None:
+    """Hold an exclusive lock on ``out`` until ``release_run_folder`` (or the process ends: the
+    OS drops a flock with its holder, so a kill -9 never leaves a stale lock)."""
+    key = os.path.realpath(out)
+    path = os.path.join(out, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        raise TrainError(f"cannot open the lock file {path}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise TrainError(f"{out} is in use by another varweight process (it holds {path}); wait for it "
+                         "to end or choose another folder") from None
+    _HELD_LOCKS[key] = fd
+
+
+def release_run_folder(out: str) -> None:
+    fd = _HELD_LOCKS.pop(os.path.realpath(out), None)
+    if fd is not None:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: str) -> Iterator[None]:
+    """``lock_run_folder`` for the duration of a ``with`` block."""
+    lock_run_folder(out)
+    try:
+        yield
+    finally:
+        release_run_folder(out)
 
 
 def check_writable(out: str) -> None:
@@ -93,18 +209,14 @@ def check_writable(out: str) -> None:
 
 
 def clear_run(out: str) -> None:
-    """--overwrite: remove the files a run writes (and nothing else) from ``out``."""
-    for name in RUN_FILES:
-        p = os.path.join(out, name)
-        if os.path.isfile(p):
-            os.unlink(p)
-    for name in os.listdir(out):
-        if name.startswith("samples_step") and name.endswith(".png"):
-            os.unlink(os.path.join(out, name))
-    for name in ("checkpoints", "tensorboard"):
-        p = os.path.join(out, name)
-        if os.path.isdir(p):
-            shutil.rmtree(p)
+    """--overwrite: remove the files the trainer writes, and nothing else (``check_run_folder``
+    refused a folder holding anything more); the lock stays held."""
+    for rel in _folder_entries(out):
+        if _is_run_file(rel) and rel != LOCK_FILE:
+            os.unlink(os.path.join(out, rel))
+    tensorboard = os.path.join(out, "tensorboard")
+    if os.path.isdir(tensorboard) and not os.listdir(tensorboard):
+        os.rmdir(tensorboard)
     os.makedirs(checkpoint_dir(out), exist_ok=True)
 
 
@@ -112,29 +224,20 @@ def write_json_atomic(path: str, obj: Any) -> None:
     ckpt.atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_saved_config(out: str) -> TrainConfig:
-    path = os.path.join(out, "config.json")
-    try:
-        with open(path) as fh:
-            saved = json.load(fh)
-    except FileNotFoundError:
-        raise TrainError(f"no run in {out} (no config.json)") from None
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"cannot read {path}: {exc}") from None
-    return TrainConfig.from_dict(saved)
-
-
 def write_run_config(out: str, run_config: Dict[str, Any], step: int, steps: int) -> None:
-    """config.json; a DONE left by a shorter run goes when a resume trains further."""
+    """The run marker (kept on --resume, new after --overwrite) and config.json; a DONE left by a
+    shorter run goes when a resume trains further."""
+    if not os.path.isfile(os.path.join(out, RUN_MARKER)):
+        write_json_atomic(os.path.join(out, RUN_MARKER), {"run_id": uuid.uuid4().hex,
+                                                          "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     write_json_atomic(os.path.join(out, "config.json"), run_config)
     done = os.path.join(out, "DONE")
-    if os.path.exists(done) and step < steps:
+    if os.path.lexists(done) and step < steps:
         os.unlink(done)
 
 
 def mark_done(out: str, step: int) -> None:
-    with open(os.path.join(out, "DONE"), "w") as fh:
-        fh.write(f"step {step}\n")
+    ckpt.atomic_write_bytes(os.path.join(out, "DONE"), f"step {step}\n".encode())
 
 
 # -- metrics ---------------------------------------------------------------------------------------
@@ -163,11 +266,14 @@ class MetricsLog:
         if os.path.exists(self.path):
             keep = []
             with open(self.path) as fh:
-                for line in fh:
+                for number, line in enumerate(fh, 1):
                     try:
                         rec = json.loads(line)
                     except ValueError:
                         continue  # a line cut by a crash
+                    if not (isinstance(rec, dict) and type(rec.get("step", 0)) is int):
+                        raise TrainError(f"{self.path} line {number} is not a metrics record (an object with an "
+                                         "integer step); remove the line to resume")
                     if rec.get("step", 0) > step:
                         continue
                     if rec.get("final"):
@@ -191,9 +297,13 @@ class MetricsLog:
     def write(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-            fh.flush()
+        line = (json.dumps(record) + "\n").encode()
+        try:  # appended in one write; O_NOFOLLOW: a planted link fails instead of being written through
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+            with open(fd, "ab") as fh:
+                fh.write(line)
+        except OSError as exc:
+            raise ckpt.WriteError(self.path, ckpt.write_reason(exc)) from None
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -226,17 +336,6 @@ def new_accumulator() -> Dict[str, Any]:
     """Sums over the steps since the last record (checkpointed as "log_accum", so a resumed
     interval logs the same means)."""
     return {"n": 0, "finite": 0, "nonfinite": 0, "loss": 0.0, "wloss": 0.0, "gnorm": 0.0}
-
-
-def accumulate(acc: Dict[str, Any], finite: bool, loss: float, weighted_loss: float, grad_norm: float) -> None:
-    acc["n"] += 1
-    if finite:
-        acc["loss"] += loss
-        acc["wloss"] += weighted_loss
-        acc["gnorm"] += grad_norm
-        acc["finite"] += 1
-    else:
-        acc["nonfinite"] += 1
 
 
 def interval_record(step: int, acc: Dict[str, Any], *, lr: float, batch_size: int, interval_s: float,

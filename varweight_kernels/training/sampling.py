@@ -21,7 +21,7 @@ from .builders import autocast_context, build_model
 from .config import TrainConfig, TrainError
 from .distributed import DistInfo, broadcast_object, resolve_device
 from .rng import derive_seed
-from .run_dir import checkpoint_dir, say, warn
+from .run_dir import checkpoint_dir, lock_run_folder, release_run_folder, say, warn
 
 __all__ = ["to_uint8", "generate", "generate_distributed", "save_grid", "grid_scale", "save_persample", "make_scorer",
            "Evaluation", "RunNetwork", "load_run_network", "sample_only"]
@@ -171,6 +171,13 @@ class _RemoteScorer:
         return None
 
 
+def _own_global_rng(device: torch.device):
+    """A scope whose draws from the global RNG (a scorer initialising its nets) are undone after
+    it, so that evaluating never moves the training's dropout stream."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=cuda)
+
+
 class Evaluation:
     """The EMA model during training: a grid every --sample-every steps, FID (or the digits
     metric) every --fid-every steps and at --fid-steps, and at the end a grid and the per-sample analysis."""
@@ -178,7 +185,8 @@ class Evaluation:
     def __init__(self, cfg: TrainConfig, formulation, shape, device: torch.device, d: DistInfo, autocast) -> None:
         self.cfg, self.formulation, self.shape, self.device, self.d = cfg, formulation, tuple(shape), device, d
         self.autocast = autocast
-        self.scorer = make_scorer(cfg, d) if cfg.fid_every > 0 or cfg.fid_steps else None
+        with _own_global_rng(device):
+            self.scorer = make_scorer(cfg, d) if cfg.fid_every > 0 or cfg.fid_steps else None
 
     def score_due(self, step: int) -> bool:
         cfg = self.cfg
@@ -197,7 +205,8 @@ class Evaluation:
             imgs = generate_distributed(cfg, self.formulation, net, cfg.fid_samples, self.shape, self.device, self.d,
                                         self.autocast)
             if self.d.main:
-                scores = self.scorer.score(imgs)
+                with _own_global_rng(self.device):
+                    scores = self.scorer.score(imgs)
                 if scores:
                     record.update({k: float(v) for k, v in scores.items()})
 
@@ -230,8 +239,10 @@ def load_run_network(cfg: TrainConfig, which: str = "ema") -> RunNetwork:
     """The ``which`` ("ema" or "raw") weights of the latest good checkpoint in ``cfg.out``, loaded
     strictly into the network its saved config builds."""
     from .formulations import make_formulation
+    from .state import checkpoint_config
+
     path, state = ckpt.load_latest_good(checkpoint_dir(cfg.out), warn=warn, quarantine=False)
-    run_cfg = TrainConfig.from_dict(state.get("config", {})).replace(
+    run_cfg = checkpoint_config(path, state).replace(
         {k: getattr(cfg, k) for k in ("device", "sampler", "sample_steps", "rho", "num_samples", "amp")})
     formulation = make_formulation(run_cfg.formulation, **run_cfg.formulation_kwargs())
     try:
@@ -248,11 +259,19 @@ def load_run_network(cfg: TrainConfig, which: str = "ema") -> RunNetwork:
 
 def sample_only(cfg: TrainConfig) -> str:
     """Write ``samples.npz`` (key "images", uint8 NHWC) and ``samples.png`` from the EMA weights of
-    the latest good checkpoint in ``cfg.out``. Returns the npz path."""
+    the latest good checkpoint in ``cfg.out``, holding the run's lock. Returns the npz path."""
     d = DistInfo()
     if not d.main:
         return ""
     cfg = cfg.validate()
+    lock_run_folder(cfg.out)
+    try:
+        return _sample_only(cfg, d)
+    finally:
+        release_run_folder(cfg.out)
+
+
+def _sample_only(cfg: TrainConfig, d: DistInfo) -> str:
     out = cfg.out
     run = load_run_network(cfg, "ema")
     run_cfg = run.config

@@ -5,7 +5,11 @@ import signal
 import threading
 from typing import Any, Dict, Optional
 
-__all__ = ["StopSignal"]
+__all__ = ["StopSignal", "SecondInterrupt"]
+
+
+class SecondInterrupt(KeyboardInterrupt):
+    """A SIGINT while a stop is already pending: abort without the checkpoint."""
 
 
 class StopSignal:
@@ -18,7 +22,7 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise SecondInterrupt
         self.signum = signum
 
     def __enter__(self) -> "StopSignal":

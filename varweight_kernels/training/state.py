@@ -12,21 +12,71 @@ layout does; a checkpoint of another version is refused with a clear error.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Tuple
 
 import torch
 
 from . import checkpoint as ckpt
 from .builders import EMA
-from .config import TrainConfig, TrainError, config_diff
+from .config import RESUME_MUTABLE, TRAJECTORY_FIELDS, ConfigError, TrainConfig, TrainError, config_diff
 from .distributed import DistInfo, all_gather_objects
 from .rng import derive_seed, get_rng_states, set_rng_states
 from .run_dir import checkpoint_dir, new_accumulator, warn
 
-__all__ = ["STATE_VERSION", "TrainState"]
+__all__ = ["STATE_VERSION", "TrainState", "ResumePoint", "read_resume_point", "saved_config", "checkpoint_config"]
 
 STATE_VERSION = 1
+
+
+def checkpoint_config(path: str, state: Dict[str, Any]) -> TrainConfig:
+    """The config a checkpoint was saved with (the authority on --resume and --sample-only)."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        raise TrainError(f"checkpoint {path} holds no config (its 'config' is a {type(saved).__name__})")
+    try:
+        return TrainConfig.from_dict(saved).validate()
+    except ConfigError as exc:
+        raise TrainError(f"checkpoint {path} holds a bad config: {exc}") from None
+
+
+def saved_config(out: str) -> TrainConfig:
+    """The config of the latest good checkpoint in ``out`` (read only: nothing is quarantined)."""
+    if not ckpt.list_checkpoints(checkpoint_dir(out)):
+        raise TrainError(f"no run in {out} to continue (no checkpoint in {checkpoint_dir(out)})")
+    path, state = ckpt.load_latest_good(checkpoint_dir(out), warn=lambda msg: None, quarantine=False)
+    return checkpoint_config(path, state)
+
+
+@dataclass
+class ResumePoint:
+    path: str
+    state: Dict[str, Any]
+    config: TrainConfig  # the one it was saved with
+    trajectory_changes: List[str]  # accepted with --allow-trajectory-change
+
+
+def read_resume_point(cfg: TrainConfig, d: DistInfo) -> ResumePoint:
+    """The latest good checkpoint of ``cfg.out`` (a bad newest one is quarantined), its layout
+    version and config checked against ``cfg``; before any data is read, so the checkpoint, not
+    an editable config.json, decides what is loaded."""
+    folder = checkpoint_dir(cfg.out)
+    if d.main:
+        ckpt.clean_temp_files(folder)  # a save killed half-way leaves one
+    d.barrier()
+    path, state = ckpt.load_latest_good(folder, warn=warn if d.main else (lambda m: None), quarantine=d.main)
+    if state.get("version") != STATE_VERSION:
+        raise TrainError(f"checkpoint {path} holds training state version {state.get('version')!r}; "
+                         f"this build resumes version {STATE_VERSION}")
+    saved = checkpoint_config(path, state)
+    diffs = config_diff(saved, cfg, ignore=RESUME_MUTABLE | TRAJECTORY_FIELDS)
+    if diffs:
+        raise TrainError(f"cannot resume from {path}: the config differs in " + "; ".join(diffs))
+    changes = config_diff(saved, cfg, ignore=frozenset(f.name for f in fields(TrainConfig)) - TRAJECTORY_FIELDS)
+    if changes and not cfg.allow_trajectory_change:
+        raise TrainError(f"cannot resume from {path}: " + "; ".join(changes) + " would change the training "
+                         "trajectory; pass --allow-trajectory-change to accept that (it is recorded in metrics.jsonl)")
+    return ResumePoint(path, state, saved, changes)
 
 
 @dataclass
@@ -68,26 +118,12 @@ class TrainState:
         d.barrier()
         return path
 
-    def resume(self, cfg: TrainConfig, d: DistInfo, device: torch.device) -> Tuple[str, TrainConfig]:
-        """Load the latest good checkpoint of ``cfg.out`` (a bad newest one is quarantined);
-        returns its path and the config it was saved with."""
-        folder = checkpoint_dir(cfg.out)
-        if d.main:
-            ckpt.clean_temp_files(folder)  # a save killed half-way leaves one
-        d.barrier()
-        path, state = ckpt.load_latest_good(folder, warn=warn if d.main else (lambda m: None), quarantine=d.main)
-        if state.get("version") != STATE_VERSION:
-            raise TrainError(f"checkpoint {path} holds training state version {state.get('version')!r}; "
-                             f"this build resumes version {STATE_VERSION}")
-        saved = TrainConfig.from_dict(state.get("config", {}))
-        diffs = config_diff(saved, cfg)
-        if diffs:
-            raise TrainError(f"cannot resume from {path}: the config differs in " + "; ".join(diffs))
+    def resume(self, point: "ResumePoint", d: DistInfo, device: torch.device, seed: int) -> None:
+        """Put back the state of the checkpoint ``read_resume_point`` found."""
         try:
-            self._load(state, d, device, cfg.seed)
+            self._load(point.state, d, device, seed)
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise TrainError(f"checkpoint {path} does not fit this run: {str(exc).splitlines()[0]}") from None
-        return path, saved
+            raise TrainError(f"checkpoint {point.path} does not fit this run: {str(exc).splitlines()[0]}") from None
 
     def _load(self, state: Dict[str, Any], d: DistInfo, device: torch.device, seed: int) -> None:
         self.model.load_state_dict(state["model"])
