@@ -353,8 +353,9 @@ def first_three(tmp_path_factory):
 MUTABLE_CHANGES = {"quiet": False, "data_root": "elsewhere", "download": True, "log_every": 4, "ckpt_every": 1,
                    "keep_ckpts": 5, "max_nonfinite": 1, "backend": "reference", "sampler": "heun",
                    "sample_steps": 3, "rho": 5.0, "sample_every": 2, "grid_size": 2, "analysis_batches": 1,
-                   "fid_every": 5, "fid_samples": 8, "fid_weights": "unused.pt", "num_samples": 3}
-RUN_MANAGEMENT = {"preset", "out", "resume", "overwrite", "allow_trajectory_change", "sample_only", "steps"}
+                   "fid_every": 5, "fid_steps": (4, 5), "fid_samples": 8, "fid_weights": "unused.pt", "num_samples": 3}
+RUN_MANAGEMENT = {"preset", "out", "resume", "overwrite", "allow_trajectory_change", "sample_only", "steps",
+                  "export", "export_weights"}  # --export writes weights and exits: it never trains
 
 
 def test_every_resume_mutable_field_is_covered():
@@ -371,7 +372,7 @@ def test_resume_with_a_mutable_field_changed_is_bitwise_the_unbroken_run(tmp_pat
     if field == "log_every":  # what is logged differs by design; the training state does not
         a.pop("log_accum"), b.pop("log_accum")
         assert_tree_equal(a, b)
-    elif field == "fid_every":  # adds its scores to metrics.jsonl; the rest is the unbroken run's
+    elif field in ("fid_every", "fid_steps"):  # adds its scores to metrics.jsonl; the rest is the unbroken run's
         assert_tree_equal(a, b)
         scores = ("fd_digits", "fd_floor", "classifier_acc")
         scored = [{k: v for k, v in r.items() if k not in scores} for r in strip_timing(read_metrics(out))]
