@@ -119,7 +119,7 @@ def test_export_cli_errors_are_one_line(run, tmp_path, capsys):
     assert main(["--out", str(run), "--export", str(tmp_path / "w.pt"), "--export-weights", "best"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
-    assert ".safetensors" in err[0] and "config.json" in err[1] and "export-weights" in err[2]
+    assert ".safetensors" in err[0] and "no checkpoint" in err[1] and "export-weights" in err[2]
     assert not (tmp_path / "w.pt").exists()
 
 
