@@ -25,13 +25,6 @@ from .config import as_kernel_params
 STATE_NAMES = ("M", "Q", "Z", "C", "weight", "step", "nonfinite")
 
 
-def distributed_world() -> int:
-    """World size when torch.distributed is initialised, else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
 def sync_moments(moments: torch.Tensor) -> None:
     """Sum the packed (n, s, q, nonfinite) buffer over all ranks with one all_reduce."""
     if moments.device.type == "cpu" or dist.get_backend() != "gloo":
