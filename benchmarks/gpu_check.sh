@@ -25,8 +25,8 @@
 # (smaller benchmark grid), GPU_CHECK_XDIST (pytest workers, default 8), GPU_CHECK_TESTS (pytest -k
 # expression, default "cuda or gpu"; empty runs the whole suite), PYTHON (default python3),
 # GPU_CHECK_STEPS (run only these steps, e.g. "environment build bench_gpu" for a rerun).
-# The fused kernels alone, within ~8 minutes:
-#   run(command="GPU_CHECK_STEPS='environment wheels build tests fused_tests fused_bench sanitizer' bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# The fused kernels and the paper preset's images/s, within ~8 minutes:
+#   run(command="GPU_CHECK_STEPS='environment wheels build tests fused_tests fused_bench sanitizer images_per_s' bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 set -uo pipefail  # no -e: a failing step is recorded and the next one still runs
 
 cd "$(dirname "$0")/.."
