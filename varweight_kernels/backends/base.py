@@ -22,10 +22,15 @@ def triton_interpret() -> bool:
 FUSED_KERNELS_ENV = "VARWEIGHT_FUSED_KERNELS"
 
 
+def env_flag(name: str) -> bool:
+    """A yes/no environment switch of this package: unset, "", "0", "false", "no", "off" are no."""
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def fused_kernels_requested() -> bool:
     """Whether ``VARWEIGHT_FUSED_KERNELS`` asks the triton and cuda backends for their one-launch
     training step (read when the backend is constructed; off by default until measured on a GPU)."""
-    return os.environ.get(FUSED_KERNELS_ENV, "0").strip().lower() not in ("", "0", "false", "no", "off")
+    return env_flag(FUSED_KERNELS_ENV)
 
 
 class Backend:

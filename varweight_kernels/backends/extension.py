@@ -27,6 +27,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .base import env_flag
+
 NAMESPACE = "varweight_ext"
 DISTRIBUTION = "varweight"
 CPU_MODULE = "varweight_kernels._C"
@@ -36,10 +38,6 @@ NO_JIT_ENV = "VARWEIGHT_NO_JIT"
 FORCE_JIT_ENV = "VARWEIGHT_FORCE_JIT"
 SOURCE_FILES = ("vaw.cpp", "cpu/vaw_cpu.cpp", "cpu/vaw_cpu.h", "common.h", "bin_update.h")
 INSTALL_HINT = "rebuild with `pip install --no-build-isolation .` against the installed torch"
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 @dataclasses.dataclass
