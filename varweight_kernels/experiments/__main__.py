@@ -44,6 +44,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     a.add_argument("--trainer", default=None, help="path of train_cifar.py (default: ./ or the repo root)")
     a.add_argument("--dry-run", action="store_true", help="print the commands only")
     a.add_argument("--report", action="store_true", help="write the report when all runs are done")
+    c = sub.add_parser("confirm", help="the pre-registered confirmatory study (issue 22): every variant x the "
+                                       "registered fresh seeds on digits, resumable; Holm-corrected report",
+                       epilog="Flags after `--` go to every train_cifar.py run (a departure the report names).")
+    c.add_argument("--out", required=True, help="experiment folder")
+    c.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the registered seeds 100-109")
+    c.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    c.add_argument("--trainer", default=None, help="path of train_cifar.py (default: ./ or the repo root)")
+    c.add_argument("--dry-run", action="store_true", help="print the commands only")
+    c.add_argument("--report", action="store_true", help="write EXP/confirm.md and confirm.json when all runs are done")
+    c.add_argument("--report-only", action="store_true", help="only write the report from the finished runs")
     p = sub.add_parser("report", help="write EXP/report.md, CSVs and figures")
     p.add_argument("exp", help="experiment folder")
     p.add_argument("--baseline", default="uniform", help="method paired comparisons are made against")
@@ -54,6 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="also the paper's variance analysis: raw model, weighted loss, 30 quantile bins of -2 log "
                         "sigma per seed, population variance (ours, the default, stays in the report)")
     args = ap.parse_args(own)
+    if args.cmd == "confirm":
+        return _confirm(args, passthrough)
     if args.cmd in ("run", "ablation"):
         try:
             if args.cmd == "run":
@@ -92,6 +104,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"report: {out['report']}")
     for v in out["verdicts"].values():
         print(v)
+    return 0
+
+
+def _confirm(args, passthrough: List[str]) -> int:
+    from .confirm import run_confirm, write_confirm_report
+
+    try:
+        if not args.report_only:
+            res = run_confirm(args.out, args.seeds, jobs=args.jobs, trainer=args.trainer, dry_run=args.dry_run,
+                              passthrough=passthrough)
+            print(f"{len(res['done'])} finished, {len(res['skipped'])} already done, {len(res['failed'])} failed")
+            if res["failed"]:
+                return 1
+        if (args.report or args.report_only) and not args.dry_run:
+            out = write_confirm_report(args.out)
+            d = out["decision"]
+            print(f"report: {out['report']}")
+            print(f"decision (rule {d['rule']}): default {d['default']}; better than uniform: {d['helps'] or 'none'}")
+    except (ValueError, FileNotFoundError, TrainError, WriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
