@@ -15,6 +15,9 @@
 #                   at B = 2^24, K = 64 for lam uniform / EDM / one bin, cold and warm L2 ($OUT/fused)
 #      sanitizer    compute-sanitizer racecheck, synccheck and memcheck on small fused steps
 #                   (B = 2^16 + 3, K = 64: several blocks, so the ticket path runs) of cuda and triton
+#   9. images_per_s  the paper preset's images/s against a minimal loop (issue #15)
+#  10. evidence      benchmarks/evidence.py: the convergence-budget study of issue 22 (quad-digits,
+#                    5,000 steps, 10 seeds x 5 weightings trained at once), report in $OUT/evidence
 # Every step has its own time limit and the script carries on after a failing step; all
 # output is tee'd to $OUT/gpu_check.log and a summary is printed last and saved as
 # $OUT/summary.md. $OUT defaults to ./gpu_results.
@@ -204,6 +207,7 @@ step fused_bench 120  0 "$PY" benchmarks/bench_gpu.py --out "$OUT/fused" --fused
     --no-compile --rep-ms 30
 step sanitizer  150   0 sanitize
 step images_per_s 180 0 "$PY" benchmarks/images_per_s.py --device cuda --out "$OUT/images_per_s"
+step evidence   300 0 "$PY" benchmarks/evidence.py --device cuda --out "$OUT/evidence"
 
 {
     echo "# gpu_check.sh on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) ($(date -u +%F))"
