@@ -64,10 +64,12 @@ class FixedWeighting(nn.Module):
     ``VarianceAwareWeighting``."""
 
     def __init__(self) -> None:
+        """A rule with no hyper-parameters here; ``last_weights`` is None until the first call."""
         super().__init__()
         self.last_weights: Optional[torch.Tensor] = None
 
     def weights(self, lam: torch.Tensor) -> torch.Tensor:
+        """The (B,) detached weights at log-SNR ``lam``."""
         raise NotImplementedError
 
     def forward(self, loss: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
