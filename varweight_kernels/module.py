@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
+import secrets
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -125,7 +125,7 @@ class VarianceAwareWeighting(nn.Module):
 
     def _with_prior(self, loss: torch.Tensor, lam: torch.Tensor, w: torch.Tensor):
         """``sum_i w_i p_i L_i / B`` (accumulated in float32 or wider) and the weights ``w_i p_i``."""
-        p = self.prior.weights(lam).to(w.dtype)
+        p = self.prior.weights(lam).detach().to(w.dtype)
         acc = torch.promote_types(loss.dtype, torch.float32)
         out = (w.to(acc) * p.to(acc) * loss.to(acc)).mean().to(loss.dtype)
         return out, w * p
@@ -244,17 +244,19 @@ class VarianceAwareWeighting(nn.Module):
         """Write the state to ``path`` as a ``.safetensors`` file (needs the ``safetensors`` package).
 
         The buffers are stored as tensors and the extra state (format version and config) as JSON in
-        the file's metadata, so no pickle is involved; ``load_state`` reads it back. The file is
-        written to a temp file in the same folder and renamed over ``path``. (``state_dict()``
-        holds the config as a dict, for ``torch.save``; ``safetensors.torch.save_file`` needs this.)
+        the file's metadata, so no pickle is involved; ``load_state`` reads it back. The bytes go to
+        a fresh temp file in the same folder (never through a planted link), then are renamed over
+        ``path``. (``state_dict()`` holds the config as a dict, which ``torch.save`` stores but
+        ``safetensors.torch.save_file`` refuses: use this for safetensors.)
         """
         save = _safetensors().torch.save
         state = self.state_dict()
         extra = state.pop("_extra_state")
         data = save({k: v.detach().cpu().contiguous() for k, v in state.items()},
                     metadata={SAFETENSORS_KEY: json.dumps(extra)})
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+        folder, name = os.path.split(os.path.abspath(path))
+        tmp = os.path.join(folder, f".tmp-{name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
             with open(fd, "wb") as fh:
                 fh.write(data)
