@@ -263,3 +263,138 @@ def test_reconfigure_changes_the_next_table_and_keeps_the_statistics():
         changed.reconfigure(num_bins=8)
     with pytest.raises(ValueError, match="decay"):
         changed.reconfigure(decay=2.0)
+
+
+# ---------------------------------------------------------------------------- lam outside the range
+def test_timesteps_passed_as_lam_warn_once_naming_the_range():
+    module = VarianceAwareWeighting(num_bins=8, logsnr_range=(-10.0, 10.0))
+    t = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(0)).float()
+    with pytest.warns(UserWarning, match=r"of 64 finite lam lie outside logsnr_range \(-10, 10\)") as record:
+        module(torch.rand(64), t)
+        module(torch.rand(64), t)
+    assert len([w for w in record if "logsnr_range" in str(w.message)]) == 1  # once per module
+
+
+def test_lam_mostly_inside_the_range_does_not_warn(recwarn):
+    module = VarianceAwareWeighting(num_bins=8, logsnr_range=(-10.0, 10.0))
+    lam = torch.tensor([-20.0, 20.0, float("nan"), float("inf"), 0.0, 1.0, 2.0])  # 2 of 6 finite outside
+    module(torch.rand(7), lam)
+    assert not [w for w in recwarn if "logsnr_range" in str(w.message)]
+
+
+def test_the_range_is_checked_on_the_first_calls_only(recwarn):
+    from varweight_kernels.module import RANGE_CHECKS
+    module = VarianceAwareWeighting(num_bins=8, logsnr_range=(-10.0, 10.0))
+    for _ in range(RANGE_CHECKS):
+        module(torch.rand(4), torch.zeros(4))
+    module(torch.rand(4), torch.full((4,), 500.0))  # no host read left to spend on it
+    assert not [w for w in recwarn if "logsnr_range" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------- loading, after the cast
+def _refused(state, match):
+    target = _warm(VarianceAwareWeighting(num_bins=8), steps=2)
+    before = _buffers(target)
+    with pytest.raises(RuntimeError, match=match):
+        target.load_state_dict(state)
+    for name, value in before.items():
+        assert torch.equal(getattr(target, name), value), name
+
+
+@pytest.mark.parametrize("name, value", [("M", 1e300), ("Q", 1e39)])
+def test_float64_values_beyond_float32_are_refused(name, value):
+    sd = _warm(VarianceAwareWeighting(num_bins=8)).state_dict()
+    sd[name] = sd[name].double()
+    sd[name][3] = value  # finite in float64, inf once stored as float32
+    _refused(sd, "NaN or inf")
+
+
+def test_a_weight_beyond_float32_is_refused_under_a_huge_saved_range():
+    sd = _warm(VarianceAwareWeighting(num_bins=8, weight_range=(0.1, 1e300))).state_dict()
+    sd["weight"] = sd["weight"].double()
+    sd["weight"][2] = 1e300
+    with pytest.warns(RuntimeWarning, match="weight_range"):
+        _refused(sd, "'weight' holds NaN or inf")
+
+
+@pytest.mark.parametrize("value", [float("nan"), 1e30, float("inf"), 2.5, 2.0 ** 63])
+def test_a_float_step_that_is_not_an_int64_is_refused(value):
+    sd = _warm(VarianceAwareWeighting(num_bins=8)).state_dict()
+    sd["step"] = torch.tensor(value, dtype=torch.float64)
+    _refused(sd, "'step' holds a value that is not an integer")
+
+
+def test_a_whole_float_step_loads_as_that_int():
+    sd = _warm(VarianceAwareWeighting(num_bins=8)).state_dict()
+    sd["step"] = torch.tensor(5.0)
+    module = VarianceAwareWeighting(num_bins=8)
+    module.load_state_dict(sd)
+    assert module.step.dtype == torch.int64 and int(module.step) == 5
+
+
+# ---------------------------------------------------------------------------- a state the module made loads
+def test_state_after_reconfiguring_the_weight_range_loads():
+    module = _warm(VarianceAwareWeighting(num_bins=8, min_count=1, weight_range=(0.1, 10.0)))
+    assert float(module.weight.max()) > 2.0 or float(module.weight.min()) < 0.5  # outside the new range
+    module.reconfigure(weight_range=(0.5, 2.0))
+    state = module.state_dict()
+    copy_ = VarianceAwareWeighting(num_bins=8, min_count=1, weight_range=(0.5, 2.0))
+    copy_.load_state_dict(state)
+    assert torch.equal(copy_.weight, module.weight)
+    copy_.load_state_dict(copy_.state_dict())  # and the copy's own state loads too
+    module(*_batch(99))  # the next update remakes the table under the new range
+    assert "table_weight_range" not in module.state_dict()["_extra_state"]
+    assert float(module.weight.max()) <= 2.0 and float(module.weight.min()) >= 0.5
+
+
+def test_state_loaded_from_a_wider_range_saves_loadably():
+    source = _warm(VarianceAwareWeighting(num_bins=8, min_count=1, weight_range=(0.01, 100.0)))
+    source.weight[0] = 50.0  # possible under the saved range only
+    module = VarianceAwareWeighting(num_bins=8, min_count=1)
+    with pytest.warns(RuntimeWarning, match="weight_range"):
+        module.load_state_dict(source.state_dict())
+    VarianceAwareWeighting(num_bins=8, min_count=1).load_state_dict(module.state_dict())
+
+
+def test_a_garbled_table_weight_range_is_refused():
+    module = _warm(VarianceAwareWeighting(num_bins=8, min_count=1))
+    module.reconfigure(weight_range=(0.5, 2.0))
+    sd = module.state_dict()
+    sd["_extra_state"]["table_weight_range"] = [5.0, 1.0]
+    _refused(sd, "invalid table_weight_range")
+
+
+# ---------------------------------------------------------------------------- safetensors
+def test_state_saves_and_loads_as_safetensors(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch", reason="save_state writes with the safetensors package")
+    a = _warm(VarianceAwareWeighting(num_bins=8, power=1.0))
+    a.save_state(str(tmp_path / "vaw.safetensors"))
+    assert set(safetensors.load_file(str(tmp_path / "vaw.safetensors"))) == set(STATE_NAMES)  # plain tensors
+    b = VarianceAwareWeighting(num_bins=8, power=1.0)
+    b.load_state(str(tmp_path / "vaw.safetensors"))
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in STATE_NAMES)
+    assert [p.name for p in tmp_path.iterdir()] == ["vaw.safetensors"]  # no temp file left
+    with pytest.raises(RuntimeError, match="num_bins=8, this module has num_bins=4"):
+        VarianceAwareWeighting(num_bins=4).load_state(str(tmp_path / "vaw.safetensors"))
+
+
+def test_load_state_refuses_other_files_in_one_line(tmp_path):
+    pytest.importorskip("safetensors.torch", reason="load_state reads with the safetensors package")
+    from safetensors.torch import save_file
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file at all")
+    save_file({"M": torch.zeros(8)}, str(tmp_path / "foreign.safetensors"))
+    for name, match in [("junk", "cannot read a VAW state"), ("foreign", "not written by save_state"),
+                        ("missing", "cannot read a VAW state")]:
+        with pytest.raises(RuntimeError, match=match) as info:
+            VarianceAwareWeighting(num_bins=8).load_state(str(tmp_path / f"{name}.safetensors"))
+        assert "\n" not in str(info.value)
+
+
+def test_a_state_saved_before_safetensors_still_loads(tmp_path):
+    """The torch.save'd state_dict (config as a dict) loads as it always did."""
+    a = _warm(VarianceAwareWeighting(num_bins=8))
+    assert isinstance(a.state_dict()["_extra_state"], dict)
+    torch.save(a.state_dict(), tmp_path / "old.pt")
+    b = VarianceAwareWeighting(num_bins=8)
+    b.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in STATE_NAMES)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import secrets
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -16,6 +19,21 @@ from .reference import bin_mean_var
 STATE_FORMAT_VERSION = 1
 STATISTIC_BUFFERS = ("M", "Q", "Z", "C", "weight")
 NONNEGATIVE_BUFFERS = ("Q", "Z", "C", "weight", "step", "nonfinite")
+RANGE_CHECKS = 8  # calls whose lam is compared with logsnr_range (one host read each on CUDA)
+SAFETENSORS_KEY = "varweight_extra_state"  # save_state's metadata entry: the extra state as JSON
+
+
+def check_loss_lam(loss: Any, lam: Any) -> None:
+    """Raise, in one line, unless ``loss`` and ``lam`` are 1-D floating tensors of one length B >= 1."""
+    if not isinstance(loss, torch.Tensor) or not isinstance(lam, torch.Tensor):
+        raise TypeError(f"loss and lam must be tensors, got {type(loss).__name__} and {type(lam).__name__}")
+    shape = loss.shape
+    if len(shape) != 1 or lam.shape != shape or shape[0] == 0:
+        raise ValueError("loss and lam must be 1-D of the same length B >= 1, got shapes "
+                         f"loss {tuple(loss.shape)} and lam {tuple(lam.shape)}")
+    if not (loss.dtype.is_floating_point and lam.dtype.is_floating_point):
+        bad, t = ("loss", loss) if not loss.dtype.is_floating_point else ("lam", lam)
+        raise TypeError(f"{bad} must have a floating dtype, got {t.dtype}")
 
 
 class VarianceAwareWeighting(nn.Module):
@@ -30,7 +48,23 @@ class VarianceAwareWeighting(nn.Module):
     def __init__(self, num_bins: int = 64, logsnr_range: Tuple[float, float] = (-12.0, 12.0),
                  decay: float = 0.99, power: float = -1.0, eps: float = 1e-8, min_count: int = 16,
                  weight_range: Tuple[float, float] = (0.1, 10.0), warmup_steps: int = 0,
-                 ramp_steps: int = 0, sync: bool = True, backend: str = "auto") -> None:
+                 ramp_steps: int = 0, sync: bool = True, backend: str = "auto", prior: Any = None) -> None:
+        """Build the module; every hyper-parameter is validated here and a bad one is named.
+
+        num_bins, logsnr_range: ``K`` uniform bins of the standard log-SNR ``lam = log(alpha^2 /
+        sigma^2)`` over ``(lmin, lmax)`` (values outside go to the edge bins; see
+        ``varweight_kernels.logsnr`` to convert timesteps or sigmas). decay: per-sample EMA decay
+        in a bin. power: weight ~ var^(-power/2) (-1: a bin's std). eps: added to the variance.
+        min_count: samples a bin needs before its own estimate is used. weight_range: clamp of
+        the normalised weight. warmup_steps, ramp_steps: weight 1 for that many updates, then a
+        linear ramp to the full weight. sync: sum the statistics over DDP ranks. backend:
+        "auto", "reference", "triton", "cpp" or "cuda".
+
+        prior: optional fixed-rule weighting (``varweight_kernels.weightings``: ``CauchyWeighting``,
+        ``MinSNRWeighting``, ``P2Weighting``, or any object with a ``weights(lam)`` method giving
+        (B,) per-sample weights) whose weights multiply VAW's: the output is
+        ``sum_i w_i p_i L_i / B``. The statistics still see the unweighted loss ``L_i``.
+        """
         super().__init__()
         self.config = VAWConfig(num_bins=num_bins, logsnr_range=logsnr_range, decay=decay, power=power, eps=eps,
                                 min_count=min_count, weight_range=weight_range, warmup_steps=warmup_steps,
@@ -41,8 +75,12 @@ class VarianceAwareWeighting(nn.Module):
             reason = machine_reason(backend)
             if reason is not None:
                 raise RuntimeError(f"VAW backend {backend!r} cannot run on this machine: {reason}")
+        if prior is not None and not callable(getattr(prior, "weights", None)):
+            raise TypeError("prior must be a fixed-rule weighting with a weights(lam) method (e.g. "
+                            f"varweight_kernels.weightings.MinSNRWeighting), got {type(prior).__name__}")
         self.sync = bool(sync)
         self.backend = backend
+        self.prior = prior
         self._params = list(self.config.kernel_params())  # the ops' float[]: a list parses fastest
         K = self.config.num_bins
         self.register_buffer("M", torch.zeros(K, dtype=torch.float32))
@@ -53,16 +91,63 @@ class VarianceAwareWeighting(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.register_buffer("nonfinite", torch.zeros((), dtype=torch.int64))
         self.last_weights: Optional[torch.Tensor] = None
+        self._range_checks_left = RANGE_CHECKS
+        # (weight_range, step): the range the table was made under, while it differs from the config's
+        # (after reconfigure(weight_range=...) or loading a state saved under another range), until
+        # the next update remakes the table; get_extra_state saves it so that the state loads.
+        self._table_made: Optional[Tuple[Tuple[float, float], int]] = None
 
     # -- the step ---------------------------------------------------------------------------
     def forward(self, loss: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """Weighted mean ``sum_i w_i L_i / B`` of the (B,) per-sample losses ``loss`` at log-SNR ``lam``.
+
+        ``loss`` is the unweighted per-sample loss (any float dtype, may require grad); ``lam`` the
+        (B,) standard log-SNR, ``log(alpha^2/sigma^2)``. ``w_i`` comes from the table as it was
+        before this batch (times the prior's weight when there is one); in training mode the call
+        then updates the statistics and the table. The gradient is ``w_i / B``.
+        ``last_weights`` holds the (B,) weights used.
+
+        On the first 8 calls (on any device; a host read each on CUDA, none after) the module
+        warns once when more than half of the finite ``lam`` lie outside ``logsnr_range``: they
+        would all land in the edge bins, as when timesteps 0..999 are passed instead of log-SNR.
+        """
         self._check_inputs(loss, lam)
+        if self._range_checks_left and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            self._check_range(lam)
         b = self._buffers  # direct dict access, spelled out: this runs every step and must stay cheap
         state = (b["M"], b["Q"], b["Z"], b["C"], b["weight"], b["step"], b["nonfinite"])  # STATE_NAMES
         out, w = vaw(loss, lam, state, self._params, self.training, self.sync, self.backend)
+        if self.prior is not None:
+            out, w = self._with_prior(loss, lam, w)
         if not torch.compiler.is_exporting():  # an exported program has no attribute to set
             self.__dict__["last_weights"] = w
         return out
+
+    def _with_prior(self, loss: torch.Tensor, lam: torch.Tensor, w: torch.Tensor):
+        """``sum_i w_i p_i L_i / B`` (accumulated in float32 or wider) and the weights ``w_i p_i``."""
+        p = self.prior.weights(lam).detach().to(w.dtype)
+        acc = torch.promote_types(loss.dtype, torch.float32)
+        out = (w.to(acc) * p.to(acc) * loss.to(acc)).mean().to(loss.dtype)
+        return out, w * p
+
+    def _check_range(self, lam: torch.Tensor) -> None:
+        """Warn once (see ``forward``) when most finite lam lie outside ``logsnr_range``."""
+        if lam.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # no host read inside a CUDA graph
+        self._range_checks_left -= 1
+        lmin, lmax = self.config.logsnr_range
+        finite = torch.isfinite(lam)
+        outside = finite & ((lam < lmin) | (lam > lmax))
+        n_finite, n_outside = torch.stack([finite.sum(), outside.sum()]).tolist()
+        if 2 * n_outside <= n_finite:
+            return
+        self._range_checks_left = 0
+        seen = lam[finite].double()
+        warnings.warn(f"VarianceAwareWeighting: {n_outside} of {n_finite} finite lam lie outside logsnr_range "
+                      f"({lmin:g}, {lmax:g}) (this batch spans [{float(seen.min()):.4g}, {float(seen.max()):.4g}]) "
+                      "and land in the edge bins; lam must be the log-SNR log(alpha^2/sigma^2) "
+                      "(varweight_kernels.logsnr converts timesteps and sigmas), or widen logsnr_range",
+                      UserWarning, stacklevel=5)  # the caller of vaw(loss, lam)
 
     def _check_inputs(self, loss: torch.Tensor, lam: torch.Tensor) -> None:
         # One expression for the common case (this runs every step); the messages only on failure.
@@ -78,15 +163,7 @@ class VarianceAwareWeighting(nn.Module):
             self._raise_bad_inputs(loss, lam)
 
     def _raise_bad_inputs(self, loss, lam) -> None:
-        if not isinstance(loss, torch.Tensor) or not isinstance(lam, torch.Tensor):
-            raise TypeError(f"loss and lam must be tensors, got {type(loss).__name__} and {type(lam).__name__}")
-        shape = loss.shape
-        if len(shape) != 1 or lam.shape != shape or shape[0] == 0:
-            raise ValueError("loss and lam must be 1-D of the same length B >= 1, got shapes "
-                             f"loss {tuple(loss.shape)} and lam {tuple(lam.shape)}")
-        if not (loss.dtype.is_floating_point and lam.dtype.is_floating_point):
-            bad, t = ("loss", loss) if not loss.dtype.is_floating_point else ("lam", lam)
-            raise TypeError(f"{bad} must have a floating dtype, got {t.dtype}")
+        check_loss_lam(loss, lam)
         raise RuntimeError(f"loss, lam and the VAW state must be on one device, got loss on {loss.device}, "
                            f"lam on {lam.device} and the state on {self.M.device}")
 
@@ -111,8 +188,10 @@ class VarianceAwareWeighting(nn.Module):
         fixed = {"num_bins", "logsnr_range"} & set(changes)
         if fixed:
             raise ValueError(f"{', '.join(sorted(fixed))} cannot change: they define the bins of the state")
+        table_range = self._table_weight_range()
         self.config = dataclasses.replace(self.config, **changes)
         self._params = list(self.config.kernel_params())
+        self._note_table_range(table_range)
 
     # -- introspection ----------------------------------------------------------------------
     @staticmethod
@@ -142,21 +221,99 @@ class VarianceAwareWeighting(nn.Module):
 
     # -- checkpointing ----------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
-        return {"format_version": STATE_FORMAT_VERSION, "config": self.config.to_dict()}
+        extra = {"format_version": STATE_FORMAT_VERSION, "config": self.config.to_dict()}
+        table_range = self._table_weight_range()
+        if table_range != self.config.weight_range:  # the table predates a weight_range change
+            extra["table_weight_range"] = list(table_range)
+        return extra
 
     def set_extra_state(self, state: Dict[str, Any]) -> None:
         pass  # validated (before any buffer changes) in _load_from_state_dict
 
+    def _table_weight_range(self) -> Tuple[float, float]:
+        """The weight_range the current table was made under (a host read only after a change)."""
+        if self._table_made is not None and self._table_made[1] == int(self.step):
+            return self._table_made[0]
+        return self.config.weight_range
+
+    def _note_table_range(self, table_range: Tuple[float, float]) -> None:
+        same = table_range == self.config.weight_range
+        self._table_made = None if same else (tuple(table_range), int(self.step))
+
+    def save_state(self, path: str) -> None:
+        """Write the state to ``path`` as a ``.safetensors`` file (needs the ``safetensors`` package).
+
+        The buffers are stored as tensors and the extra state (format version and config) as JSON in
+        the file's metadata, so no pickle is involved; ``load_state`` reads it back. The bytes go to
+        a fresh temp file in the same folder (never through a planted link), then are renamed over
+        ``path``. (``state_dict()`` holds the config as a dict, which ``torch.save`` stores but
+        ``safetensors.torch.save_file`` refuses: use this for safetensors.)
+        """
+        save = _safetensors().torch.save
+        state = self.state_dict()
+        extra = state.pop("_extra_state")
+        data = save({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                    metadata={SAFETENSORS_KEY: json.dumps(extra)})
+        folder, name = os.path.split(os.path.abspath(path))
+        tmp = os.path.join(folder, f".tmp-{name}.{os.getpid()}.{secrets.token_hex(4)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+        try:
+            with open(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def load_state(self, path: str) -> None:
+        """Load a state written by ``save_state``, with every check ``load_state_dict`` makes."""
+        safetensors = _safetensors()
+        try:
+            with safetensors.safe_open(path, framework="pt") as fh:
+                extra = (fh.metadata() or {}).get(SAFETENSORS_KEY)
+                state: Dict[str, Any] = {k: fh.get_tensor(k) for k in fh.keys()}
+            if extra is None:
+                raise ValueError(f"no {SAFETENSORS_KEY!r} metadata: not written by save_state")
+            state["_extra_state"] = json.loads(extra)
+        except (OSError, ValueError, safetensors.SafetensorError) as exc:  # ValueError: bad JSON too
+            raise RuntimeError(f"cannot read a VAW state from {path}: {str(exc).splitlines()[0]}") from None
+        self.load_state_dict(state)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
-        self._validate_state(state_dict, prefix)
+        table_range = self._validate_state(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if prefix + "weight" in state_dict:
+            self._note_table_range(table_range)
 
-    def _validate_state(self, state_dict: Dict[str, Any], prefix: str) -> None:
-        """Refuse a state this module could never have produced, before any buffer changes."""
-        saved = self._saved_config(state_dict.get(prefix + "_extra_state"))
+    def _checked_cast(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value`` as the buffer's dtype, as loading will store it; refuses what the cast would garble."""
+        dtype = getattr(self, name).dtype
+        if value.is_complex():
+            raise RuntimeError(f"VAW state buffer {name!r} is complex ({value.dtype}); refusing to load it")
+        if not dtype.is_floating_point and value.dtype.is_floating_point:
+            v = value.double()
+            if not bool((torch.isfinite(v) & (v == v.round()) & (v.abs() < 2.0 ** 63)).all()):
+                raise RuntimeError(f"VAW state buffer {name!r} holds a value that is not an integer in the "
+                                   f"{dtype} range (NaN, inf, a fraction or too large); refusing to load it")
+        return value.to(dtype)
+
+    def _validate_state(self, state_dict: Dict[str, Any], prefix: str) -> Tuple[float, float]:
+        """Refuse a state this module could never have produced, before any buffer changes.
+
+        Values are judged as they will be stored: cast to the buffers' dtypes (float32 statistics,
+        int64 counters) first. Returns the weight_range the saved table was made under."""
+        extra = state_dict.get(prefix + "_extra_state")
+        saved = self._saved_config(extra)
+        table_range = self._saved_table_range(extra, saved)
         K = self.config.num_bins
+        cast: Dict[str, torch.Tensor] = {}
         for name in STATE_NAMES:
             value = state_dict.get(prefix + name)
             if value is None:
@@ -170,21 +327,35 @@ class VarianceAwareWeighting(nn.Module):
                                        f"this module has num_bins={K}")
                 raise RuntimeError(f"VAW state buffer {name!r} has shape {tuple(value.shape)}, "
                                    f"expected {tuple(expected)}")
+            value = cast[name] = self._checked_cast(name, value)
             if name in STATISTIC_BUFFERS and not bool(torch.isfinite(value).all()):
-                raise RuntimeError(f"VAW state buffer {name!r} holds NaN or inf; refusing to load it")
+                raise RuntimeError(f"VAW state buffer {name!r} holds NaN or inf (as {value.dtype}); "
+                                   "refusing to load it")
             if name in NONNEGATIVE_BUFFERS and bool((value < 0).any()):
                 raise RuntimeError(f"VAW state buffer {name!r} holds negative values, which no step produces")
-        z = state_dict.get(prefix + "Z")
+        z = cast.get("Z")
         if z is not None and bool((z > 1).any()):
             raise RuntimeError("VAW state buffer 'Z' exceeds 1 (it is 1 - decay^n); refusing to load it")
-        weight = state_dict.get(prefix + "weight")
+        weight = cast.get("weight")
         if weight is not None:
-            wmin, wmax = saved.weight_range
+            wmin, wmax = table_range
             # A table entry is a clamped weight, 1 (warm-up, no data) or between them (ramp), in float32.
             low, high = (float(torch.tensor(v, dtype=torch.float32)) for v in (min(wmin, 1.0), max(wmax, 1.0)))
             if bool(((weight < low) | (weight > high)).any()):
                 raise RuntimeError(f"VAW state buffer 'weight' has entries outside [{low}, {high}] "
-                                   f"(weight_range {saved.weight_range}); refusing to load it")
+                                   f"(weight_range {table_range}); refusing to load it")
+        return table_range
+
+    @staticmethod
+    def _saved_table_range(extra: Any, saved: VAWConfig) -> Tuple[float, float]:
+        """The weight_range the saved table was made under: the saved config's unless it says otherwise."""
+        rng = extra.get("table_weight_range") if isinstance(extra, dict) else None
+        if rng is None:
+            return saved.weight_range
+        try:
+            return VAWConfig(num_bins=saved.num_bins, logsnr_range=saved.logsnr_range, weight_range=rng).weight_range
+        except (TypeError, ValueError) as exc:
+            raise RuntimeError(f"VAW state carries an invalid table_weight_range ({exc})") from None
 
     def _saved_config(self, extra: Any) -> VAWConfig:
         """The config the state was saved under (this module's when the state carries none).
@@ -217,3 +388,14 @@ class VarianceAwareWeighting(nn.Module):
                           "statistics are kept and the next update applies this module's settings",
                           RuntimeWarning, stacklevel=4)
         return saved
+
+
+def _safetensors():
+    """The optional ``safetensors`` package (with its torch helpers), or a one-line error."""
+    try:
+        import safetensors
+        import safetensors.torch  # noqa: F401  (loads the submodule)
+    except ImportError:
+        raise ImportError("saving or loading a VAW state as .safetensors needs the safetensors package "
+                          "(pip install safetensors)") from None
+    return safetensors

@@ -1,4 +1,7 @@
-"""Loss weightings: ``make_weighting(name, cfg=None, **kw) -> Weighting`` (an ``nn.Module``).
+"""The trainer's loss weightings: ``make_weighting(name, cfg=None, **kw) -> Weighting`` (an ``nn.Module``).
+
+A thin adapter over the library's ``varweight_kernels.weightings`` (one implementation of each
+formula, there): it feeds them the trainer's ``LossTerms`` and adds importance weights.
 
 Every weighting is called the same way, ``weighting.objective(terms, lam, is_weight=None) ->
 scalar`` (``weighting(terms, lam)`` is the same without importance weights) with ``terms`` a
@@ -12,11 +15,11 @@ edm2: ``exp(-u(lam))``); ``bin_weights()`` the per-bin weight table (vaw) or Non
 |---|---|---|
 | uniform | terms.loss | 1 |
 | vaw | terms.loss | ``VarianceAwareWeighting`` (the library core) on (loss, lam) |
-| seed-cauchy | terms.loss | ``1 / (1 + alpha (lam - mean_batch lam)^2)``, alpha = 0.05 |
+| seed-cauchy | terms.loss | ``CauchyWeighting``: ``1 / (1 + alpha (lam - mean_batch lam)^2)``, alpha = 0.05 |
 | seed-standardized | terms.loss | ``1 + alpha (l - mean_batch l) / std_batch l`` (detached; population std; 1 when B = 1 or std = 0; clamped at ``min_weight`` = 0 by default), alpha = 0.5 |
-| min-snr | terms.mse | eps target ``min(SNR, gamma)/SNR``; x0 ``min(SNR, gamma)``; v ``min(SNR, gamma)/(SNR+1)``; gamma = 5; SNR = ``snr_scale * terms.snr`` |
-| p2 | terms.mse | ``1/(k + SNR)^gamma`` on the eps MSE, k = 1, gamma = 1; SNR = ``snr_scale * terms.snr`` |
-| edm2 | terms.loss | learned: ``loss / exp(u(lam)) + u(lam)`` |
+| min-snr | terms.mse | ``MinSNRWeighting``: eps target ``min(SNR, gamma)/SNR``; x0 ``min(SNR, gamma)``; v ``min(SNR, gamma)/(SNR+1)``; gamma = 5; SNR = ``snr_scale * terms.snr`` |
+| p2 | terms.mse | ``P2Weighting``: ``1/(k + SNR)^gamma`` on the eps MSE, k = 1, gamma = 1; SNR = ``snr_scale * terms.snr`` |
+| edm2 | terms.loss | ``EDM2Weighting``, learned: ``loss / exp(u(lam)) + u(lam)`` |
 
 Notes.
 - The SNR of min-snr and p2. Both papers define SNR = alpha^2/sigma^2 of x = alpha x0 + sigma eps:
@@ -26,41 +29,31 @@ Notes.
   published SNR, ``--snr-convention published``) and 1 with ``--snr-convention sigma-data``
   (SNR = sigma_data^2/sigma^2, the trainer's earlier convention: with sigma_data = 0.5 it makes
   min-SNR-5 clip where the published min-SNR-20 would, and moves P2's knee by the same factor 4).
-- min-snr and p2 need the formulation's ``target`` ("eps", "x0" or "v"); pass ``target=``
+- min-snr and p2 need the formulation's ``target`` ("eps", "x0" or "v", or diffusers' names); pass ``target=``
   (``make_weighting("min-snr", target=formulation.target)``).
-- p2 for non-eps targets converts the target MSE to an eps MSE before weighting:
-  eps-MSE = SNR * x0-MSE, and eps-MSE = SNR/(SNR+1) * v-MSE. This is exact for a variance-
-  preserving process (SNR = abar/(1-abar)) and, with the published SNR = 1/sigma^2, for EDM
-  (eps-MSE = x0-MSE / sigma^2); under the sigma-data convention it is off by the constant factor
+- p2 for non-eps targets converts the target MSE to an eps MSE before weighting (see
+  ``P2Weighting``); under the sigma-data convention that is off by the constant factor
   sigma_data^2 on top of the moved knee.
-- edm2 (Karras et al. 2024): ``u(lam) = linear(fourier(c))`` with ``c = -lam/8``. For a VP
-  process ``-lam/8 = ln(sigma)/4`` with ``sigma = sqrt((1-abar)/abar)``; for EDM it equals
-  ``ln(sigma)/4 - ln(sigma_data)/4``, i.e. EDM2's ``c_noise`` up to a constant shift. Fourier
-  features are ``sqrt(2) cos(2 pi (f c + phi))``, f ~ N(0,1), phi ~ U(0,1), fixed buffers drawn
-  from the ``generator`` passed in (or a private ``torch.Generator`` seeded with ``seed``),
-  never from the global RNG, so adding edm2 cannot shift the model's init stream. The linear
-  layer (``weight``, ``bias``) starts at zero (u = 0). Its parameters must be given to the optimiser along with the
-  model's (``weighting.parameters()``).
+- edm2 is the library's ``EDM2Weighting`` fed the trainer's lam: ``c = -lam/8`` is EDM2's
+  ``c_noise`` for DDPM and, under EDM, ``ln(sigma)/4 - ln(sigma_data)/4`` (a constant shift). Its
+  Fourier buffers come from the "weighting" stream, never the global RNG. Its parameters must be
+  given to the optimiser along with the model's (``weighting.parameters()``).
 - vaw passes every other keyword to ``VarianceAwareWeighting`` (num_bins, logsnr_range, decay,
   power, eps, min_count, weight_range, warmup_steps, ramp_steps, sync, backend); its state is in
-  this module's ``state_dict()`` under ``vaw.``.
+  this module's ``state_dict()`` under ``vaw.``. ``prior_alpha`` is its ``prior=CauchyWeighting(alpha)``.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, is_dataclass
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
 from .. import VarianceAwareWeighting
+from .. import weightings as lib
 
 __all__ = ["Weighting", "UniformWeighting", "VAWWeighting", "SeedCauchyWeighting", "SeedStandardizedWeighting",
            "MinSNRWeighting", "P2Weighting", "EDM2Weighting", "WEIGHTINGS", "make_weighting"]
-
-TARGETS = ("eps", "x0", "v")
-
 
 def _hp(t: torch.Tensor) -> torch.Tensor:
     """Detached, at least float32 (float64 stays float64) for computing weights."""
@@ -72,12 +65,6 @@ def _check_snr_scale(scale: float) -> float:
     if not scale > 0:
         raise ValueError(f"snr_scale must be > 0, got {scale!r}")
     return float(scale)
-
-
-def _check_target(target: str) -> str:
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    return target
 
 
 class Weighting(nn.Module):
@@ -115,11 +102,22 @@ class Weighting(nn.Module):
         return None
 
 
-class UniformWeighting(Weighting):
-    name = "uniform"
+class _RuleWeighting(Weighting):
+    """A library fixed rule (``self.rule``, stateless: the state_dict stays empty) on ``terms.loss``."""
+
+    def __init__(self, rule: lib.FixedWeighting) -> None:
+        super().__init__()
+        self.rule = rule
 
     def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(terms.loss)  # w * loss == loss exactly, so the mean is loss.mean()
+        return self.rule.weights(lam.to(terms.loss.device))
+
+
+class UniformWeighting(_RuleWeighting):
+    name = "uniform"
+
+    def __init__(self) -> None:
+        super().__init__(lib.UniformWeighting())  # w * loss == loss exactly, so the mean is loss.mean()
 
 
 class VAWWeighting(Weighting):
@@ -128,7 +126,7 @@ class VAWWeighting(Weighting):
     Two variants for the ablation of issue #17, both off by default: ``power_end`` with
     ``anneal_steps`` moves the power linearly from the module's power to ``power_end`` over that
     many updates (a rule that starts one way and ends another); ``prior_alpha`` multiplies the
-    VAW weights by the paper's batch-centred Cauchy weights ``1 / (1 + alpha (lam - mean lam)^2)``.
+    VAW weights by the paper's batch-centred Cauchy weights (the library's ``prior=``).
     """
 
     name = "vaw"
@@ -136,27 +134,27 @@ class VAWWeighting(Weighting):
     def __init__(self, power_end: Optional[float] = None, anneal_steps: int = 0, prior_alpha: Optional[float] = None,
                  **vaw_kwargs: Any) -> None:
         super().__init__()
-        self.vaw = VarianceAwareWeighting(**vaw_kwargs)
+        prior = None if prior_alpha is None else lib.CauchyWeighting(prior_alpha)
+        self.vaw = VarianceAwareWeighting(prior=prior, **vaw_kwargs)
         self.power_start = self.vaw.config.power
         self.power_end = self.power_start if power_end is None else float(power_end)
         self.anneal_steps = int(anneal_steps)
-        self.prior = None if prior_alpha is None else SeedCauchyWeighting(prior_alpha)
+
+    @property
+    def prior(self) -> Optional[lib.CauchyWeighting]:
+        return self.vaw.prior
 
     def objective(self, terms, lam: torch.Tensor, is_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.anneal_steps > 0 and self.vaw.training:
             self._anneal_power()
-        # The library step updates the statistics and returns the weighted mean (its own
-        # backward); with importance weights or a prior only its weights are used.
+        # The library step updates the statistics (of the raw loss) and returns the weighted mean
+        # (its own backward); with importance weights only its weights (prior included) are used.
         out = self.vaw(terms.loss, lam.detach().to(terms.loss.device))
         self.last_weights = self.vaw.last_weights
-        if self.prior is not None:
-            prior = self.prior.sample_weights(terms, lam).to(self.last_weights.dtype)
-            self.last_weights = self.last_weights * prior
-            is_weight = prior if is_weight is None else prior * is_weight.to(prior.dtype)
         if is_weight is None:
             return out
         dtype = terms.loss.dtype
-        return (self.vaw.last_weights.to(dtype) * is_weight.to(dtype) * terms.loss).mean()
+        return (self.last_weights.to(dtype) * is_weight.to(dtype) * terms.loss).mean()
 
     def _anneal_power(self) -> None:
         done = min(int(self.vaw.step) / self.anneal_steps, 1.0)
@@ -173,36 +171,22 @@ class VAWWeighting(Weighting):
             self.vaw(terms.loss.detach(), lam.detach().to(terms.loss.device))
         finally:
             self.vaw.train(was_training)
-        weights = self.vaw.last_weights.detach()
-        if self.prior is not None:
-            weights = weights * self.prior.sample_weights(terms, lam).to(weights.dtype)
-        return weights
+        return self.vaw.last_weights.detach()
 
     def bin_weights(self) -> torch.Tensor:
         return self.vaw.weight
 
 
-class SeedCauchyWeighting(Weighting):
-    """The paper code's weighting: ``w = 1 / (1 + alpha (lam - mean_batch(lam))^2)``.
-
-    Its weights are not normalised (mean about 0.83 at alpha 0.05 under the EDM noise
-    distribution), which also lowers the effective learning rate; ``normalize=True`` divides them
-    by their batch mean, the control that separates the two effects.
-    """
+class SeedCauchyWeighting(_RuleWeighting):
+    """The paper code's weighting, the library's ``CauchyWeighting(alpha, normalize)``."""
 
     name = "seed-cauchy"
 
     def __init__(self, alpha: float = 0.05, normalize: bool = False) -> None:
-        super().__init__()
-        if not alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
-        self.alpha = float(alpha)
-        self.normalize = bool(normalize)
+        super().__init__(lib.CauchyWeighting(alpha, normalize))
 
-    def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
-        lam = _hp(lam).to(terms.loss.device)
-        w = 1.0 / (1.0 + self.alpha * (lam - lam.mean()) ** 2)
-        return w / w.mean() if self.normalize else w
+    alpha = property(lambda self: self.rule.alpha)
+    normalize = property(lambda self: self.rule.normalize)
 
 
 class SeedStandardizedWeighting(Weighting):
@@ -232,100 +216,63 @@ class SeedStandardizedWeighting(Weighting):
         return w
 
 
-class MinSNRWeighting(Weighting):
-    """Min-SNR-gamma (Hang et al. 2023) on the plain target MSE ``terms.mse``. SNR is
-    ``snr_scale * terms.snr``: under EDM 1/sigma^2 as published (``snr_scale = 1/sigma_data^2``)
-    or sigma_data^2/sigma^2 (``snr_scale = 1``); see the module notes."""
+class _SNRRuleWeighting(_RuleWeighting):
+    """A library SNR rule on the target MSE ``terms.mse``, at ``SNR = snr_scale * terms.snr``: under
+    EDM 1/sigma^2 as published (``snr_scale = 1/sigma_data^2``) or sigma_data^2/sigma^2
+    (``snr_scale = 1``); see the module notes."""
 
-    name = "min-snr"
     term = "mse"
 
-    def __init__(self, target: str = "eps", gamma: float = 5.0, snr_scale: float = 1.0) -> None:
-        super().__init__()
-        self.target = _check_target(target)
-        if not gamma > 0:
-            raise ValueError(f"gamma must be > 0, got {gamma!r}")
-        self.gamma = float(gamma)
+    def __init__(self, rule, snr_scale: float) -> None:
+        super().__init__(rule)
         self.snr_scale = _check_snr_scale(snr_scale)
+
+    target = property(lambda self: self.rule.target)
+    gamma = property(lambda self: self.rule.gamma)
 
     def weights(self, snr: torch.Tensor) -> torch.Tensor:
         """Weights on the target MSE for ``snr = terms.snr`` (scaled by ``snr_scale`` here)."""
-        snr = _hp(snr) * self.snr_scale
-        clipped = torch.minimum(snr, torch.full_like(snr, self.gamma))  # min, never max
-        if self.target == "eps":
-            return clipped / snr
-        if self.target == "x0":
-            return clipped
-        return clipped / (snr + 1.0)
+        return self.rule.snr_weights(_hp(snr) * self.snr_scale)
 
     def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
         return self.weights(terms.snr.to(terms.mse.device))
 
 
-class P2Weighting(Weighting):
-    """P2 (Choi et al. 2022): ``1/(k + SNR)^gamma`` on the eps MSE (converted for x0/v targets).
-    SNR is ``snr_scale * terms.snr``: under EDM 1/sigma^2 as published (``snr_scale =
-    1/sigma_data^2``) or sigma_data^2/sigma^2 (``snr_scale = 1``); see the module notes."""
+class MinSNRWeighting(_SNRRuleWeighting):
+    """Min-SNR-gamma (Hang et al. 2023): the library's ``MinSNRWeighting`` on ``terms.mse``."""
+
+    name = "min-snr"
+
+    def __init__(self, target: str = "eps", gamma: float = 5.0, snr_scale: float = 1.0) -> None:
+        super().__init__(lib.MinSNRWeighting(gamma, target=target), snr_scale)
+
+
+class P2Weighting(_SNRRuleWeighting):
+    """P2 (Choi et al. 2022): the library's ``P2Weighting`` on ``terms.mse`` (converted for x0/v targets)."""
 
     name = "p2"
-    term = "mse"
 
     def __init__(self, target: str = "eps", k: float = 1.0, gamma: float = 1.0, snr_scale: float = 1.0) -> None:
-        super().__init__()
-        self.target = _check_target(target)
-        self.k, self.gamma = float(k), float(gamma)
-        self.snr_scale = _check_snr_scale(snr_scale)
+        super().__init__(lib.P2Weighting(k, gamma, target=target), snr_scale)
 
-    def weights(self, snr: torch.Tensor) -> torch.Tensor:
-        """Weight on the target MSE: P2's weight times the target-MSE -> eps-MSE factor, for
-        ``snr = terms.snr`` (scaled by ``snr_scale`` here)."""
-        snr = _hp(snr) * self.snr_scale
-        w = 1.0 / (self.k + snr) ** self.gamma
-        if self.target == "x0":
-            w = w * snr
-        elif self.target == "v":
-            w = w * snr / (snr + 1.0)
-        return w
-
-    def sample_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
-        return self.weights(terms.snr.to(terms.mse.device))
+    k = property(lambda self: self.rule.k)
 
 
-class EDM2Weighting(Weighting):
-    """Learned per-level log-variance ``u(lam)``; loss ``mean(terms.loss / exp(u) + u)``."""
+class EDM2Weighting(lib.EDM2Weighting, Weighting):
+    """The library's ``EDM2Weighting`` (same buffers and parameters) on ``terms.loss``."""
 
     name = "edm2"
 
-    def __init__(self, channels: int = 128, generator: Optional[torch.Generator] = None, seed: int = 0) -> None:
-        super().__init__()
-        if generator is None:
-            generator = torch.Generator().manual_seed(int(seed))
-        gdev = generator.device
-        self.register_buffer("freqs", torch.randn(channels, generator=generator, device=gdev).cpu())
-        self.register_buffer("phases", torch.rand(channels, generator=generator, device=gdev).cpu())
-        # zero-initialised without nn.Linear's default (global-RNG) init
-        self.weight = nn.Parameter(torch.zeros(1, channels))
-        self.bias = nn.Parameter(torch.zeros(1))
-
-    def features(self, lam: torch.Tensor) -> torch.Tensor:
-        c = -lam.detach().float().reshape(-1, 1) / 8.0
-        return math.sqrt(2.0) * torch.cos(2 * math.pi * (c * self.freqs + self.phases))
-
-    def logvar(self, lam: torch.Tensor) -> torch.Tensor:
-        """u(lam), shape (B,)."""
-        feats = self.features(lam.to(self.freqs.device))
-        return (feats @ self.weight.t() + self.bias).reshape(-1)
+    def forward(self, terms, lam: torch.Tensor) -> torch.Tensor:
+        return self.objective(terms, lam)
 
     def analysis_weights(self, terms, lam: torch.Tensor) -> torch.Tensor:
         """``exp(-u(lam))``: the weight on the loss (the objective's ``+ u`` is not a weight)."""
         return torch.exp(-self.logvar(lam)).detach().to(terms.loss.device)
 
     def objective(self, terms, lam: torch.Tensor, is_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-        u = self.logvar(lam).to(terms.loss.device)
-        self.last_weights = torch.exp(-u).detach()
-        if is_weight is None:
-            return (terms.loss / torch.exp(u).to(terms.loss.dtype) + u.to(terms.loss.dtype)).mean()
-        return (is_weight * (terms.loss / torch.exp(u) + u)).mean()
+        per_sample = self.per_sample(terms.loss, lam)
+        return per_sample.mean() if is_weight is None else (is_weight * per_sample).mean()
 
 
 WEIGHTINGS = {
@@ -348,29 +295,26 @@ _KEYS = {
     "p2": ("target", "k", "gamma", "snr_scale"),
     "edm2": ("channels", "generator", "seed"),
 }
+VAW_KEYS = ("num_bins", "logsnr_range", "decay", "power", "eps", "min_count", "weight_range", "warmup_steps",
+            "ramp_steps", "sync", "backend")
 
 
-def make_weighting(name: str, cfg: Optional[Any] = None, **kw: Any) -> Weighting:
+def make_weighting(name: str, cfg: Optional[Mapping[str, Any]] = None, **kw: Any) -> Weighting:
     """Build a weighting by name.
 
-    ``cfg`` (optional) is a mapping or dataclass of keyword arguments, merged under ``kw``.
-    Plain keyword arguments are passed through as they are (an unknown one raises
-    ``TypeError``); from ``cfg`` only the keys the named weighting takes are used (for
-    "vaw": everything in ``cfg["vaw"]`` if present, else the ``VarianceAwareWeighting``
-    keywords found in ``cfg``)."""
+    ``cfg`` (optional) is a mapping of keyword arguments, merged under ``kw``. Plain keyword
+    arguments are passed through as they are (an unknown one raises ``TypeError``); from ``cfg``
+    only the keys the named weighting takes are used (for "vaw": everything in ``cfg["vaw"]`` if
+    present, else the ``VarianceAwareWeighting`` keywords found in ``cfg``)."""
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {name!r}; choose one of {sorted(WEIGHTINGS)}")
     merged = {}
     if cfg is not None:
-        if is_dataclass(cfg) and not isinstance(cfg, type):
-            cfg = asdict(cfg)
         if not isinstance(cfg, Mapping):
-            raise TypeError(f"cfg must be a mapping or a dataclass, got {type(cfg).__name__}")
+            raise TypeError(f"cfg must be a mapping, got {type(cfg).__name__}")
         if name == "vaw":
-            vaw_keys = ("num_bins", "logsnr_range", "decay", "power", "eps", "min_count", "weight_range",
-                        "warmup_steps", "ramp_steps", "sync", "backend")
             sub = cfg.get("vaw")
-            merged = dict(sub) if isinstance(sub, Mapping) else {k: cfg[k] for k in vaw_keys if k in cfg}
+            merged = dict(sub) if isinstance(sub, Mapping) else {k: cfg[k] for k in VAW_KEYS if k in cfg}
         else:
             merged = {k: cfg[k] for k in _KEYS[name] if k in cfg}
     merged.update(kw)
