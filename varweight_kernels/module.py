@@ -112,7 +112,8 @@ class VarianceAwareWeighting(nn.Module):
         would all land in the edge bins, as when timesteps 0..999 are passed instead of log-SNR.
         """
         self._check_inputs(loss, lam)
-        if self._range_checks_left and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        # compiled code never reads the counter (no guard on it, no recompile as eager calls count down)
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()) and self._range_checks_left:
             self._check_range(lam)
         b = self._buffers  # direct dict access, spelled out: this runs every step and must stay cheap
         state = (b["M"], b["Q"], b["Z"], b["C"], b["weight"], b["step"], b["nonfinite"])  # STATE_NAMES
