@@ -326,8 +326,8 @@ def test_fake_implementations():
 
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
-    eager = VarianceAwareWeighting(num_bins=16, min_count=2, backend="cpp")
-    compiled_mod = VarianceAwareWeighting(num_bins=16, min_count=2, backend="cpp")
+    eager = VarianceAwareWeighting(num_bins=16, min_count=2, backend="cpp", prior=None)
+    compiled_mod = VarianceAwareWeighting(num_bins=16, min_count=2, backend="cpp", prior=None)
     compiled = torch.compile(compiled_mod, fullgraph=True)  # default (inductor)
     gen = torch.Generator().manual_seed(2)
     for _ in range(3):

@@ -53,7 +53,7 @@ def test_gradient_is_weight_over_batch_in_training_and_dtype_kept():
 
 
 def test_eval_mode_leaves_every_buffer_bitwise_unchanged():
-    module = _warm(VarianceAwareWeighting(num_bins=32, min_count=2))
+    module = _warm(VarianceAwareWeighting(num_bins=32, min_count=2, prior=None))
     before = _buffers(module)
     module.eval()
     loss, lam = _batch(3)
@@ -152,7 +152,7 @@ def test_bad_input_raises_and_leaves_state(loss, lam, error, match):
 
 
 def test_nonfinite_values_are_counted_not_absorbed():
-    module = VarianceAwareWeighting(num_bins=8, min_count=0)
+    module = VarianceAwareWeighting(num_bins=8, min_count=0, prior=None)
     loss = torch.tensor([1.0, float("nan"), float("inf"), 2.0, 3.0])
     lam = torch.tensor([0.0, 0.0, 0.0, float("nan"), float("inf")])
     module(loss, lam)

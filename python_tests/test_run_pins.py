@@ -28,8 +28,8 @@ from tiny_runs import one_thread, read_metrics, strip_timing, tiny  # noqa: F401
 PINS = Path(__file__).with_name("run_pins.json")
 CASES = {
     "uniform": dict(weighting="uniform"),
-    "vaw_power-1": dict(weighting="vaw", vaw_power=-1.0),
-    "vaw_power0.5": dict(weighting="vaw", vaw_power=0.5),
+    "vaw_power-1": dict(weighting="vaw", vaw_power=-1.0, vaw_prior="none"),
+    "vaw_power0.5": dict(weighting="vaw", vaw_power=0.5, vaw_prior="none"),
     "vaw_cauchy_prior": dict(weighting="vaw", vaw_power=-1.0, vaw_prior="cauchy", alpha=0.05),
     "seed-cauchy": dict(weighting="seed-cauchy"),
     "seed-cauchy_normalized": dict(weighting="seed-cauchy", seed_normalize=True),
@@ -39,7 +39,7 @@ CASES = {
     "edm2": dict(weighting="edm2"),
     "ddpm_min-snr": dict(weighting="min-snr", formulation="ddpm"),
     "ddpm_p2": dict(weighting="p2", formulation="ddpm"),
-    "ddpm_vaw": dict(weighting="vaw", vaw_power=-1.0, formulation="ddpm"),
+    "ddpm_vaw": dict(weighting="vaw", vaw_power=-1.0, vaw_prior="none", formulation="ddpm"),
     "vaw-is": dict(weighting="uniform", noise_sampling="vaw-is", is_warmup=0),
 }
 

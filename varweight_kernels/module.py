@@ -15,25 +15,30 @@ from .backends import BACKEND_NAMES, available_backends, machine_reason, resolve
 from .config import VAWConfig
 from .ops import STATE_NAMES, vaw
 from .reference import bin_mean_var
+from .rules import CauchyWeighting, check_loss_lam
 
 STATE_FORMAT_VERSION = 1
 STATISTIC_BUFFERS = ("M", "Q", "Z", "C", "weight")
 NONNEGATIVE_BUFFERS = ("Q", "Z", "C", "weight", "step", "nonfinite")
 RANGE_CHECKS = 8  # calls whose lam is compared with logsnr_range (one host read each on CUDA)
-SAFETENSORS_KEY = "varweight_extra_state"  # save_state's metadata entry: the extra state as JSON
+SAFETENSORS_KEY = "varweight_extra_state"
+# The default prior: the paper's batch-centred Cauchy weights at this alpha. The pre-registered
+# confirmatory study of issue 22 confirmed power -1 times this prior better than uniform
+# (docs/results/digits-confirm); power -1 alone, the default before it, was confirmed worse.
+DEFAULT_PRIOR_ALPHA = 0.05
 
 
-def check_loss_lam(loss: Any, lam: Any) -> None:
-    """Raise, in one line, unless ``loss`` and ``lam`` are 1-D floating tensors of one length B >= 1."""
-    if not isinstance(loss, torch.Tensor) or not isinstance(lam, torch.Tensor):
-        raise TypeError(f"loss and lam must be tensors, got {type(loss).__name__} and {type(lam).__name__}")
-    shape = loss.shape
-    if len(shape) != 1 or lam.shape != shape or shape[0] == 0:
-        raise ValueError("loss and lam must be 1-D of the same length B >= 1, got shapes "
-                         f"loss {tuple(loss.shape)} and lam {tuple(lam.shape)}")
-    if not (loss.dtype.is_floating_point and lam.dtype.is_floating_point):
-        bad, t = ("loss", loss) if not loss.dtype.is_floating_point else ("lam", lam)
-        raise TypeError(f"{bad} must have a floating dtype, got {t.dtype}")
+class _DefaultPrior:
+    """``prior``'s default, told apart from an explicit one: a module built with it resumes a
+    saved state under the prior that state was trained with (none, for states older than the
+    default)."""
+
+    def __repr__(self) -> str:
+        return f"CauchyWeighting(alpha={DEFAULT_PRIOR_ALPHA})"
+
+
+DEFAULT_PRIOR: Any = _DefaultPrior()  # save_state's metadata entry: the extra state as JSON
+
 
 
 class VarianceAwareWeighting(nn.Module):
@@ -48,7 +53,7 @@ class VarianceAwareWeighting(nn.Module):
     def __init__(self, num_bins: int = 64, logsnr_range: Tuple[float, float] = (-12.0, 12.0),
                  decay: float = 0.99, power: float = -1.0, eps: float = 1e-8, min_count: int = 16,
                  weight_range: Tuple[float, float] = (0.1, 10.0), warmup_steps: int = 0,
-                 ramp_steps: int = 0, sync: bool = True, backend: str = "auto", prior: Any = None) -> None:
+                 ramp_steps: int = 0, sync: bool = True, backend: str = "auto", prior: Any = DEFAULT_PRIOR) -> None:
         """Build the module; every hyper-parameter is validated here and a bad one is named.
 
         num_bins, logsnr_range: ``K`` uniform bins of the standard log-SNR ``lam = log(alpha^2 /
@@ -60,7 +65,11 @@ class VarianceAwareWeighting(nn.Module):
         linear ramp to the full weight. sync: sum the statistics over DDP ranks. backend:
         "auto", "reference", "triton", "cpp" or "cuda".
 
-        prior: optional fixed-rule weighting (``varweight_kernels.weightings``: ``CauchyWeighting``,
+        prior: by default ``CauchyWeighting(alpha=0.05)``, the setting the confirmatory study of
+        issue 22 supports; ``prior=None`` is the paper's reading (VAW's weights alone). A module
+        built with the default prior that loads a state adopts the prior that state was saved
+        under (none for states written before this default), warning once. Any other
+        fixed-rule weighting (``varweight_kernels.weightings``: ``CauchyWeighting``,
         ``MinSNRWeighting``, ``P2Weighting``, or any object with a ``weights(lam)`` method giving
         (B,) per-sample weights) whose weights multiply VAW's: the output is
         ``sum_i w_i p_i L_i / B``. The statistics still see the unweighted loss ``L_i``.
@@ -75,6 +84,9 @@ class VarianceAwareWeighting(nn.Module):
             reason = machine_reason(backend)
             if reason is not None:
                 raise RuntimeError(f"VAW backend {backend!r} cannot run on this machine: {reason}")
+        self._prior_is_default = prior is DEFAULT_PRIOR
+        if self._prior_is_default:
+            prior = CauchyWeighting(DEFAULT_PRIOR_ALPHA)
         if prior is not None and not callable(getattr(prior, "weights", None)):
             raise TypeError("prior must be a fixed-rule weighting with a weights(lam) method (e.g. "
                             f"varweight_kernels.weightings.MinSNRWeighting), got {type(prior).__name__}")
@@ -223,6 +235,8 @@ class VarianceAwareWeighting(nn.Module):
     # -- checkpointing ----------------------------------------------------------------------
     def get_extra_state(self) -> Dict[str, Any]:
         extra = {"format_version": STATE_FORMAT_VERSION, "config": self.config.to_dict()}
+        if self.prior is not None:  # absent: no prior (all states saved before prior= existed)
+            extra["prior"] = prior_spec(self.prior)
         table_range = self._table_weight_range()
         if table_range != self.config.weight_range:  # the table predates a weight_range change
             extra["table_weight_range"] = list(table_range)
@@ -292,6 +306,26 @@ class VarianceAwareWeighting(nn.Module):
                                       unexpected_keys, error_msgs)
         if prefix + "weight" in state_dict:
             self._note_table_range(table_range)
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict):
+            self._resume_prior(extra.get("prior"))
+
+    def _resume_prior(self, saved: Any) -> None:
+        """A default-built module takes the saved state's prior; an explicit prior stays, warned about."""
+        if saved == prior_spec(self.prior):
+            return
+        if not self._prior_is_default:
+            warnings.warn(f"loading a VAW state saved with prior {saved!r}; this module keeps its explicit prior "
+                          f"{prior_spec(self.prior)!r}", RuntimeWarning, stacklevel=4)
+            return
+        rebuilt = prior_from_spec(saved)
+        if rebuilt is False:
+            raise RuntimeError(f"the VAW state was saved with prior {saved!r}, which a module built with the default "
+                               "prior cannot rebuild; pass that prior= explicitly")
+        self.prior = rebuilt
+        warnings.warn(f"VarianceAwareWeighting built with the default prior resumes the saved state's prior "
+                      f"{saved!r} (states saved before version 0.2 have none: the old default); pass prior= "
+                      "to choose", RuntimeWarning, stacklevel=4)
 
     def _checked_cast(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """``value`` as the buffer's dtype, as loading will store it; refuses what the cast would garble."""
@@ -400,3 +434,24 @@ def _safetensors():
         raise ImportError("saving or loading a VAW state as .safetensors needs the safetensors package "
                           "(pip install safetensors)") from None
     return safetensors
+
+
+def prior_spec(prior: Any) -> Optional[Dict[str, Any]]:
+    """What a state records of VAW's prior: None, a Cauchy rule's parameters, or the rule's class name."""
+    if prior is None:
+        return None
+    if isinstance(prior, CauchyWeighting):
+        return {"rule": "cauchy", "alpha": float(prior.alpha), "normalize": bool(prior.normalize)}
+    return {"rule": type(prior).__name__}
+
+
+def prior_from_spec(spec: Any) -> Any:
+    """The prior a recorded spec names (None for none), or False when it cannot be rebuilt."""
+    if spec is None:
+        return None
+    if isinstance(spec, dict) and spec.get("rule") == "cauchy":
+        try:
+            return CauchyWeighting(float(spec["alpha"]), bool(spec.get("normalize", False)))
+        except (KeyError, TypeError, ValueError):
+            return False
+    return False

@@ -27,6 +27,8 @@ from .runner import RunSpec, run_specs
 
 PRESET = "digits-ablation"
 PAPER_ALPHA = 0.05
+# The VAW variants ran when VAW had no prior by default; spelt out so they stay what they were.
+OLD_PRIOR = ("vaw-prior", "none")
 
 
 class Variant(NamedTuple):
@@ -55,11 +57,11 @@ def variants() -> List[Variant]:
            Variant("seed-cauchy__alpha=0.05", "seed-cauchy", (("alpha", "0.05"),)),
            Variant("seed-cauchy__alpha=0.01", "seed-cauchy", (("alpha", "0.01"),)),
            Variant("seed-cauchy__normalized", "seed-cauchy", (("alpha", "0.05"), ("seed-normalize", "")))]
-    out += [Variant(f"vaw__power={p}", "vaw", (("vaw-power", p),)) for p in ("-2", "-1", "-0.5", "0.5", "1")]
-    out += [Variant(f"vaw__decay={d}", "vaw", (("vaw-decay", d),)) for d in ("0.9", "0.999")]
-    out += [Variant(f"vaw__bins={k}", "vaw", (("vaw-bins", str(k)),)) for k in (bins // 2, bins * 2)]
-    out += [Variant(f"vaw__min_count={m}", "vaw", (("vaw-min-count", str(m)),)) for m in (min_count // 4, min_count * 4)]
-    out += [Variant("vaw__fade", "vaw", (("vaw-power-end", "0"), ("vaw-power-anneal", str(preset["steps"])))),
+    out += [Variant(f"vaw__power={p}", "vaw", (("vaw-power", p), OLD_PRIOR)) for p in ("-2", "-1", "-0.5", "0.5", "1")]
+    out += [Variant(f"vaw__decay={d}", "vaw", (("vaw-decay", d), OLD_PRIOR)) for d in ("0.9", "0.999")]
+    out += [Variant(f"vaw__bins={k}", "vaw", (("vaw-bins", str(k)), OLD_PRIOR)) for k in (bins // 2, bins * 2)]
+    out += [Variant(f"vaw__min_count={m}", "vaw", (("vaw-min-count", str(m)), OLD_PRIOR)) for m in (min_count // 4, min_count * 4)]
+    out += [Variant("vaw__fade", "vaw", (("vaw-power-end", "0"), ("vaw-power-anneal", str(preset["steps"])), OLD_PRIOR)),
             Variant("vaw__cauchy_prior", "vaw", (("vaw-prior", "cauchy"), ("alpha", str(PAPER_ALPHA))))]
     return out
 

@@ -8,7 +8,8 @@ skipped, interrupted ones resumed) and writes ``EXP/confirm.md`` and ``EXP/confi
 started; :func:`decide` applies it to the numbers and nothing else, so the outcome (which VAW
 setting becomes the default) follows from the data by a rule fixed in advance.
 
-Every VAW variant spells out its power: these runs stay what they were when the default moves.
+Every VAW variant spells out its power and prior: these runs stay what they were when the
+default moves (they ran when the default was power -1 with no prior).
 """
 from __future__ import annotations
 
@@ -28,19 +29,20 @@ from .runner import RunSpec, run_specs
 from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, curve_auc, t_confidence_interval
 
 PAPER_POWER = "-1"
+NO_PRIOR = ("vaw-prior", "none")
 
 VARIANTS = (
     Variant("uniform", "uniform"),
     # the shipped default before this study: the paper's reading
-    Variant("vaw__power=-1", "vaw", (("vaw-power", PAPER_POWER),)),
+    Variant("vaw__power=-1", "vaw", (("vaw-power", PAPER_POWER), NO_PRIOR)),
     # the exploratory winners of docs/results/digits-ablation
     Variant("seed-cauchy__alpha=0.05", "seed-cauchy", (("alpha", "0.05"),)),
     Variant("seed-cauchy__normalized", "seed-cauchy", (("alpha", "0.05"), ("seed-normalize", ""))),
     Variant("vaw__cauchy_prior", "vaw", (("vaw-power", PAPER_POWER), ("vaw-prior", "cauchy"), ("alpha", "0.05"))),
-    Variant("vaw__decay=0.999", "vaw", (("vaw-power", PAPER_POWER), ("vaw-decay", "0.999"))),
+    Variant("vaw__decay=0.999", "vaw", (("vaw-power", PAPER_POWER), ("vaw-decay", "0.999"), NO_PRIOR)),
     # evening out the gradient noise: inverse std^0.5 and the classical inverse-variance rule
-    Variant("vaw__power=0.5", "vaw", (("vaw-power", "0.5"),)),
-    Variant("vaw__power=2", "vaw", (("vaw-power", "2"),)),
+    Variant("vaw__power=0.5", "vaw", (("vaw-power", "0.5"), NO_PRIOR)),
+    Variant("vaw__power=2", "vaw", (("vaw-power", "2"), NO_PRIOR)),
     # the field's baselines
     Variant("min-snr__gamma=5", "min-snr", (("gamma", "5"),)),
     Variant("p2", "p2", (("p2-k", "1"), ("p2-gamma", "1"))),

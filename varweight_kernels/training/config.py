@@ -130,8 +130,9 @@ class TrainConfig:
     vaw_power_end: float = field(default=-1.0, metadata={
         "help": "with --vaw-power-anneal N: the VAW power moves linearly from --vaw-power to this over N updates"})
     vaw_power_anneal: int = field(default=0, metadata={"help": "updates over which the VAW power anneals (0: fixed)"})
-    vaw_prior: str = field(default="none", metadata={
-        "help": "none | cauchy: multiply the VAW weights by the paper's batch-centred Cauchy weights (--alpha)"})
+    vaw_prior: str = field(default="cauchy", metadata={
+        "help": "cauchy (default, confirmed in issue 22) | none (the paper's reading: VAW's weights alone): multiply "
+                "the VAW weights by the paper's batch-centred Cauchy weights (--alpha, default 0.05)"})
     seed_normalize: bool = field(default=False, metadata={
         "help": "seed-cauchy: divide the weights by their batch mean (mean weight 1, the learning rate of uniform)"})
     # ---- sampling and evaluation -----------------------------------------------------------
@@ -357,7 +358,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 # What a config saved before a field existed meant by its absence (where that is not the default).
-OLD_CONFIG_VALUES = {"snr_convention": "sigma-data"}
+OLD_CONFIG_VALUES = {"snr_convention": "sigma-data", "vaw_prior": "none"}
 
 # Fields that may change between a run and its --resume (they do not alter the trajectory).
 RESUME_MUTABLE = frozenset({

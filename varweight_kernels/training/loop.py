@@ -116,7 +116,7 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
     torch.manual_seed(derive_seed(cfg.seed, "dropout", d.rank))  # global RNG: dropout only
     ema = EMA(raw_model, cfg.ema_decay)
     weighting = build_weighting(cfg, formulation, gens["weighting"]).to(device)
-    observer = VarianceAwareWeighting(**cfg.vaw_kwargs()).to(device)  # observe role: output ignored
+    observer = VarianceAwareWeighting(prior=None, **cfg.vaw_kwargs()).to(device)  # observe role: output ignored
     noise_sampler = build_noise_sampler(cfg, formulation)
     importance_sampled = cfg.noise_sampling != "default"
     batches = build_batches(cfg, images.to(device), local_bs, gens["data"])
