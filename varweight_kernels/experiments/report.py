@@ -35,7 +35,7 @@ from . import dynamics as dyn
 from . import stats as st
 from .figures import (loss_vs_logsnr, plot_loss_vs_logsnr, plot_metric_vs_step, plot_paired_diff_vs_step,
                       plot_variance_heatmap, plot_vaw_weights, plot_why, weight_diagnostics)
-from .runs import Run, load_runs, real_folder
+from .runs import Run, load_runs, real_folder, settings_text
 from .stats import fmt
 from .variance import CSV_HEADER as PAPER_VARIANCE_HEADER, paper_variance_analysis, paper_variance_markdown
 
@@ -181,7 +181,7 @@ def _check_settings(used: Dict[str, List[Run]]) -> None:
         seen: Dict[str, List[int]] = {}
         for r in rs:
             if r.settings is not None:
-                seen.setdefault(repr(sorted(r.settings.items())), []).append(r.seed)
+                seen.setdefault(settings_text(r.settings), []).append(r.seed)
         if len(seen) > 1:
             groups = "; ".join(f"seeds {', '.join(map(str, seeds))} with {text}" for text, seeds in seen.items())
             raise ValueError(f"runs/{lab}: its runs finished with different settings ({groups}); they would pool "

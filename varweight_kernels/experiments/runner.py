@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from ..training.checkpoint import atomic_write_bytes
 from ..training.run_dir import RUN_MARKER, held_lock_fd, run_folder_lock
 from ..training.signals import StopSignal
-from .runs import read_experiment, real_folder, run_key
+from .runs import read_experiment, real_folder, run_key, settings_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUNNER_FLAGS = ("--seed", "--weighting", "--out", "--preset", "--resume", "--overwrite")  # set per run by the runner
@@ -284,8 +284,8 @@ def _plan_states(outp: Path, specs: Sequence[RunSpec], preset: Optional[str], pa
                 print(f"[skip] {spec.out} (DONE)", file=stream, flush=True)
                 result["skipped"].append(spec.out)
                 continue
-            print(f"[stale] {spec.out} finished with {before}; resuming it with this call's settings", file=stream,
-                  flush=True)
+            print(f"[stale] {spec.out} finished with {settings_text(before)}; resuming it with this call's",
+                  file=stream, flush=True)
             state = "resume"
         todo.append((spec, state))
     return todo

@@ -244,6 +244,15 @@ def read_experiment(out: Path) -> Dict:
     return data
 
 
+def settings_text(settings: Dict) -> str:
+    """A run's recorded settings (preset, grid flags, pass-through flags) as one line."""
+    def words(key: str) -> str:
+        value = settings.get(key)
+        return " ".join(map(str, value)) if isinstance(value, list) and value else "(none)"
+    return (f"preset {settings.get('preset') or '(none)'}, grid flags {words('flags')}, "
+            f"pass-through {words('passthrough')}")
+
+
 def run_key(label: str, seed: int) -> str:
     """A run's key in experiment.json's "runs": its folder below ``EXP/runs``."""
     return f"{label}/seed{int(seed)}"
