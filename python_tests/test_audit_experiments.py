@@ -321,6 +321,29 @@ def test_sigterm_or_sigint_to_the_runner_is_passed_on_and_waited_for(tmp_path, f
             os.kill(trainer, signal.SIGKILL)
 
 
+def test_an_error_in_the_runner_ends_its_trainers_too(tmp_path, fake_trainer, monkeypatch):
+    exp = tmp_path / "exp"
+    pid_file = exp / "runs" / "uniform" / "seed0" / "pid"
+    real_sleep = time.sleep
+
+    def failing_sleep(seconds):
+        if pid_file.exists() and pid_file.read_text():
+            raise RuntimeError("the runner fails")
+        real_sleep(seconds)
+
+    monkeypatch.setenv("FAKE_SLEEP", "60")
+    monkeypatch.setattr(time, "sleep", failing_sleep)
+    with pytest.raises(RuntimeError, match="the runner fails"):
+        run_experiment(str(exp), ["uniform"], [0], trainer=fake_trainer, stream=open(os.devnull, "w"))
+    monkeypatch.undo()
+    trainer = int(pid_file.read_text())
+    try:
+        assert not _alive(trainer) and (pid_file.parent / "term").exists()
+    finally:
+        if _alive(trainer):
+            os.kill(trainer, signal.SIGKILL)
+
+
 # ---------------------------------------------------------------------------------------------
 # 20: a killed report leaves the previous report, the new one, or no report.md
 class _Killed(BaseException):

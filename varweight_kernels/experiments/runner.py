@@ -313,6 +313,9 @@ class _ForwardStop(StopSignal):
         self.running = running
 
     def _handle(self, signum, frame) -> None:
+        self.forward(signum)
+
+    def forward(self, signum: int) -> None:
         self.signum = signum
         for job in self.running:
             with contextlib.suppress(ProcessLookupError):
@@ -357,28 +360,35 @@ def _run_planned(outp: Path, specs: Sequence[RunSpec], trainer_path: Path, prese
             time.sleep(0.2)
 
     with _ForwardStop(running) as stop:
-        for spec, cmd, state in pending:
-            if stop.signum is not None:
-                break
-            print(f"[{'dry-run' if dry_run else 'run'}] {state}: {shlex.join(cmd)}", file=stream, flush=True)
-            if dry_run:
-                continue
-            Path(spec.out).mkdir(parents=True, exist_ok=True)
-            fh = _open_log(Path(spec.out))
-            fh.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(cmd)}\n")
-            fh.flush()
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a stop waits until it is listed
-            try:
-                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(Path.cwd()),
-                                        start_new_session=True, preexec_fn=_child_setup(os.getpid()),
-                                        pass_fds=() if lock_fd is None else (lock_fd,))
-                running.append((spec, proc, fh, time.time()))
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            while len(running) >= max(1, jobs):
+        try:
+            for spec, cmd, state in pending:
+                if stop.signum is not None:
+                    break
+                print(f"[{'dry-run' if dry_run else 'run'}] {state}: {shlex.join(cmd)}", file=stream, flush=True)
+                if dry_run:
+                    continue
+                Path(spec.out).mkdir(parents=True, exist_ok=True)
+                fh = _open_log(Path(spec.out))
+                fh.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(cmd)}\n")
+                fh.flush()
+                blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a stop waits until it is listed
+                try:
+                    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(Path.cwd()),
+                                            start_new_session=True, preexec_fn=_child_setup(os.getpid()),
+                                            pass_fds=() if lock_fd is None else (lock_fd,))
+                    running.append((spec, proc, fh, time.time()))
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                while len(running) >= max(1, jobs):
+                    reap_one()
+            while running:
                 reap_one()
-        while running:
-            reap_one()
+        finally:
+            if running:  # the runner itself failed: its trainers end with it, as on a signal
+                stop.forward(signal.SIGTERM)
+                for _, proc, fh, _ in running:
+                    proc.wait()
+                    fh.close()
     if stop.signum is not None:
         raise RunnerInterrupted(stop.signum, stopped)
     return result
