@@ -24,7 +24,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  description="Run grids of training runs and report on them.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run methods x grid x seeds (resumable; finished runs are skipped)",
-                       epilog="Flags after `--` go to every train_cifar.py run, e.g. `-- --steps 50`.")
+                       epilog="Flags after `--` go to every train_cifar.py run, e.g. `-- --steps 50`; the runner's "
+                              "own (--seed --weighting --out --preset --resume --overwrite) are refused there.")
     r.add_argument("--preset", default=None, help="train_cifar.py preset for every run (e.g. digits-cpu)")
     r.add_argument("--methods", nargs="+", required=True, help="weightings: uniform vaw seed-cauchy min-snr ...")
     r.add_argument("--seeds", nargs="+", type=int, required=True)
