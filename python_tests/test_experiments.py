@@ -257,14 +257,14 @@ def test_run_and_report_end_to_end(tmp_path):
     for lab in ("uniform", "vaw"):
         for s in (0, 1):
             assert (exp / "runs" / lab / f"seed{s}" / "DONE").exists()
-    # a second call (in-process) skips the finished runs
+    # a second call (in-process) with the same flags skips the finished runs (other flags resume them)
     import io
 
     from varweight_kernels.experiments.runner import run_experiment
 
     log = io.StringIO()
     res = run_experiment(str(exp), ["uniform", "vaw"], [0, 1], preset="digits-smoke",
-                         passthrough=["--steps", "4"], stream=log)
+                         passthrough=["--steps", "4", "--log-every", "2", "--quiet"], stream=log)
     assert len(res["skipped"]) == 4 and not res["done"] and not res["failed"], log.getvalue()
     out = build_report(str(exp))
     assert out["metric"] == "loss"  # the smoke preset computes no FID

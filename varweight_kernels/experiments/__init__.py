@@ -4,8 +4,9 @@
         --seeds 0 1 2 --out exp/NAME [--grid vaw.power=-1,1] [-- --steps 500]
     python -m varweight_kernels.experiments report exp/NAME [--baseline uniform]
 """
-from .report import build_report, load_runs
+from .report import build_report
 from .runner import plan_runs, run_experiment
+from .runs import load_runs
 from .stats import (bootstrap_std_ci, describe_paired, describe_spread, paired_comparison,
                     t_confidence_interval)
 

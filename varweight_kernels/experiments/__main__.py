@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from ..training.checkpoint import WriteError
 from ..training.config import TrainError
+from .runner import RunnerInterrupted
 
 
 def _split_passthrough(argv: List[str]):
@@ -23,7 +24,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                  description="Run grids of training runs and report on them.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run methods x grid x seeds (resumable; finished runs are skipped)",
-                       epilog="Flags after `--` go to every train_cifar.py run, e.g. `-- --steps 50`.")
+                       epilog="Flags after `--` go to every train_cifar.py run, e.g. `-- --steps 50`; the runner's "
+                              "own (--seed --weighting --out --preset --resume --overwrite) are refused there.")
     r.add_argument("--preset", default=None, help="train_cifar.py preset for every run (e.g. digits-cpu)")
     r.add_argument("--methods", nargs="+", required=True, help="weightings: uniform vaw seed-cauchy min-snr ...")
     r.add_argument("--seeds", nargs="+", type=int, required=True)
@@ -82,11 +84,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (ValueError, FileNotFoundError, TrainError, WriteError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except RunnerInterrupted as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 128 + e.signum
         print(f"{len(res['done'])} finished, {len(res['skipped'])} already done, {len(res['failed'])} failed")
         if args.report and not args.dry_run and not res["failed"]:
             from .report import build_report
 
-            out = build_report(args.out, baseline=getattr(args, "baseline", "uniform"))
+            try:
+                out = build_report(args.out, baseline=getattr(args, "baseline", "uniform"))
+            except (ValueError, FileNotFoundError, WriteError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             print(f"report: {out['report']}")
         return 1 if res["failed"] else 0
     if passthrough:
@@ -125,6 +134,9 @@ def _confirm(args, passthrough: List[str]) -> int:
     except (ValueError, FileNotFoundError, TrainError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunnerInterrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

@@ -24,8 +24,8 @@ from scipy import stats as sps
 
 from ..training.checkpoint import atomic_write_bytes
 from .ablation import PRESET, Variant
-from .report import load_runs
 from .runner import RunSpec, run_specs
+from .runs import load_runs
 from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, curve_auc, t_confidence_interval
 
 PAPER_POWER = "-1"

@@ -18,18 +18,10 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import stats as st
+from .stats import fmt
 
 if TYPE_CHECKING:
-    from .report import Run
-
-
-def fmt(x, digits: int = 4) -> str:
-    """A number for the report's tables ("n/a" for None, NaN, inf or text)."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{v:.{digits}g}" if math.isfinite(v) else "n/a"
+    from .runs import Run
 
 
 def _interval(r: st.PairedResult) -> str:

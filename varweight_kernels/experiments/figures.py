@@ -16,7 +16,7 @@ from . import stats as st
 from ..training.checkpoint import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .report import Run
+    from .runs import Run
 
 QUANTILE_BINS = 30
 

@@ -132,10 +132,20 @@ def paired_comparison(method_scores: Mapping[int, float], baseline_scores: Mappi
                         t_stat=t_stat, t_p=t_p, wilcoxon_stat=w_stat, wilcoxon_p=w_p, level=level)
 
 
+def fmt(x, digits: int = 4) -> str:
+    """A number for the report's tables ("n/a" for None, NaN, inf or text)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{v:.{digits}g}" if math.isfinite(v) else "n/a"
+
+
 def _fmt(x: float, digits: int = 3) -> str:
+    """``fmt`` for the sentences: 3 digits, 4 decimals in e-notation from 1e4 on."""
     if x is None or not np.isfinite(x):
         return "n/a"
-    return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.4e}"
+    return fmt(x, digits) if abs(x) < 1e4 else f"{x:.4e}"
 
 
 def _fmt_p(p: float) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 from .figures import QUANTILE_BINS, across_seeds, plot_loss_vs_logsnr
 
 if TYPE_CHECKING:
-    from .report import Run
+    from .runs import Run
 
 PAPER_LOSS_KEY = "raw_weighted_loss"
 CSV_HEADER = ["label", "bin", "minus_2_log_sigma_center", "loss_mean", "loss_mean_stderr", "loss_var",

@@ -184,6 +184,13 @@ def release_run_folder(out: str) -> None:
         os.close(fd)
 
 
+def held_lock_fd(out: str) -> Optional[int]:
+    """The descriptor of this process's lock on ``out`` (None if not held): a child given it keeps
+    the folder locked until it ends too (``experiments`` trainers, so a killed runner's folder
+    stays locked while its trainers live)."""
+    return _HELD_LOCKS.get(os.path.realpath(out))
+
+
 @contextlib.contextmanager
 def run_folder_lock(out: str) -> Iterator[None]:
     """``lock_run_folder`` for the duration of a ``with`` block."""
