@@ -127,7 +127,8 @@ def _same_bits(a: torch.Tensor, e: torch.Tensor) -> bool:
     return a.shape == e.shape and bool(((a.view(torch.int64) == e.view(torch.int64)) | (a.isnan() & e.isnan())).all())
 
 
-def assert_records_bitwise(actual, expected, out_rtol: float, what: str = "", grad_rtol: Optional[float] = None) -> None:
+def assert_records_bitwise(actual, expected, out_rtol: float, what: str = "",
+                           grad_rtol: Optional[float] = None) -> None:
     """grad, w and the whole state bit for bit; only ``out`` gets ``out_rtol``: it is a sum of ``w * L``
     taken in another order (or precision) than the reference's, so its last bit may differ.
     ``grad_rtol``: a tolerance for ``grad`` too, for a backend whose backward rounds differently."""

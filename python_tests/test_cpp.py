@@ -2,8 +2,8 @@
 
 Tolerances: grad, w and the whole state bit for bit, for every loss and lam dtype, in training
 and eval mode (``bin_update.h`` rounds exactly like the reference; float64 counts ``C``: with
-int64 counts the reference forms ``C / sum(C)`` in float32, see ``test_int64_counts_state``). Only ``out`` may differ in its
-last bit, because the reference sums ``w * L`` per sample in float32 and the kernel forms
+int64 counts the reference forms ``C / sum(C)`` in float32, see ``test_int64_counts_state``).
+Only ``out`` may differ in its last bit, because the reference sums ``w * L`` per sample in float32 and the kernel forms
 ``sum_k table[k] * s_k`` in float64 before rounding to the loss dtype: rtol 1e-6 for float32/float64
 losses, 1e-3 (float16) and 8e-3 (bfloat16), one unit in the last place of the result.
 """
@@ -79,6 +79,7 @@ def test_int64_counts_state():
         lam = torch.rand(500, generator=gen) * 30 - 15
         out_r, w_r = reference.step(loss, lam, *ref_state, params, True)
         out_c, w_c = get_backend("cpp").step(loss, lam, *cpp_state, params, True)
+        # Not bitwise: for int64 C the reference's C / sum(C) promotes to float32, the kernel's is float64.
         torch.testing.assert_close(out_c, out_r, rtol=1e-6, atol=0)
         torch.testing.assert_close(w_c, w_r, rtol=1e-6, atol=0)
         for a, e in zip(cpp_state, ref_state):
