@@ -8,7 +8,7 @@
   ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0" (plus the archs of visible GPUs).
 * ``MAX_JOBS`` limits the parallel compile jobs (ninja).
 
-Both libraries carry the torch version they were compiled against (``varweight_kernels/_ext.py``
+Both libraries carry the torch version they were compiled against (``varweight_kernels/backends/extension.py``
 checks it at import and falls back to a JIT build of the CPU kernels on a mismatch).
 """
 import glob

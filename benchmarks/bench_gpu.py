@@ -5,7 +5,7 @@
 Writes ``DIR/bench_gpu.json`` and ``DIR/bench_gpu.md`` (DIR: ``--out``, else ``$OUT``, else
 ``gpu_results``) and prints the markdown table.
 
-Peers per shape (shared/BENCHMARKING.md): every backend that runs on CUDA tensors, eager
+Peers per shape (docs/BENCHMARKING.md): every backend that runs on CUDA tensors, eager
 (``triton``, ``cuda``, ``reference``), the same step replayed from a CUDA graph (``graph(<name>)``:
 ``graph(reference)`` is the reference replayed from a CUDA graph), and ``torch.compile
 (reference.step)`` (``compile(reference)``, ``dynamic=True``: compiled once, not once per shape).

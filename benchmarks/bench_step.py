@@ -6,7 +6,7 @@
 
 Peers: every backend that runs on CPU tensors (reference, cpp, ...; triton is left out: on CPU it
 only runs under its interpreter) and ``torch.compile(reference.step)``. Shapes: B in {128, 4096,
-65536, 2^20} x K in {64, 1024}. Three measurements per peer and shape, as shared/BENCHMARKING.md
+65536, 2^20} x K in {64, 1024}. Three measurements per peer and shape, as docs/BENCHMARKING.md
 defines them: ``fwd+update`` (``vaw(loss, lam)`` in training mode, loss requires grad),
 ``backward`` (the op's backward, timed directly) and ``step`` (the two back to back). Each is
 its own benchmark group per shape, so pytest-benchmark prints the peers of one shape in one

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python benchmarks/compare.py [--quick] [--threads 1] [--json PATH] [--no-compile]
+    python benchmarks/compare.py [--quick] [--threads 1] [--json PATH] [--no-compile] [--compile-backend eager]
 
-Definitions (shared/BENCHMARKING.md):
+Definitions (docs/BENCHMARKING.md):
 
 * ``fwd+upd``: ``out = vaw(loss, lam)`` in training mode with ``loss.requires_grad_(True)``
   (weighted mean, moments, EMA, next weight table), no ``backward()``.
@@ -15,7 +15,7 @@ Definitions (shared/BENCHMARKING.md):
   ``T(autograd.grad((loss * w).mean(), loss))``: what a whole forward+backward costs on top of a
   fixed weighting (it includes the forward; reported, not used for the ratios).
 * Peers: the eager reference (``backend="reference"``) and ``torch.compile(reference.step)``
-  (static shapes, compiled once per shape, wrapped in the same autograd function).
+  (static shapes, compiled once per shape, run by the module's own ``VAWFunction``).
 * Ratios are ``T(eager reference) / T(peer)`` (higher is faster), all from this run.
 * ``--raw`` adds ``raw:<backend>``: the backend's ``step`` called directly (no module, custom op
   or autograd), to show how much of a step is the Python around the kernels.
@@ -50,7 +50,9 @@ except ImportError:  # running from a checkout that is not installed
 
 from varweight_kernels import VarianceAwareWeighting, available_backends, reference  # noqa: E402
 from varweight_kernels.backends import backend_reason, get_backend  # noqa: E402
-from varweight_kernels.ops import STATE_NAMES  # noqa: E402
+from varweight_kernels.backends.reference import ReferenceBackend  # noqa: E402
+from varweight_kernels.config import as_kernel_params  # noqa: E402
+from varweight_kernels.ops import STATE_NAMES, VAWFunction  # noqa: E402
 
 FULL_BATCHES = (128, 4096, 65536, 1 << 20)
 FULL_BINS = (64, 1024)
@@ -72,20 +74,16 @@ def direct_backward(w: torch.Tensor, grad_out: torch.Tensor, loss_dtype: torch.d
     return reference.scale_grad(grad_out, w, loss_dtype)
 
 
-class _CompiledReferenceFunction(torch.autograd.Function):
-    """``torch.compile(reference.step)`` behind the same autograd contract as the module's op."""
+class _CompiledReference(ReferenceBackend):
+    """The reference backend with ``step`` compiled by ``torch.compile``: the module's own
+    :class:`~varweight_kernels.ops.VAWFunction` runs it, so the peer differs from the eager reference
+    only in the compilation."""
 
-    @staticmethod
-    def forward(ctx, loss, lam, step_fn, state, params):
-        out, w = step_fn(loss.detach(), lam, *state, params, True)
-        ctx.save_for_backward(w)
-        ctx.loss_dtype = loss.dtype
-        ctx.mark_non_differentiable(w)
-        return out, w
+    def __init__(self, dynamic: bool = False, compile_backend: str = "inductor"):
+        self._compiled = torch.compile(reference.step, dynamic=dynamic, backend=compile_backend)
 
-    @staticmethod
-    def backward(ctx, grad_out, grad_w):
-        return direct_backward(ctx.saved_tensors[0], grad_out, ctx.loss_dtype), None, None, None, None
+    def step(self, loss, lam, M, Q, Z, C, weight, step, nonfinite, params, training):
+        return self._compiled(loss, lam, M, Q, Z, C, weight, step, nonfinite, as_kernel_params(params), training)
 
 
 def _raise_recompile_limit(limit: int = 256) -> None:
@@ -117,10 +115,11 @@ def make_inputs(batch: int, num_bins: int, device="cpu", seed: int = 0, dtype=to
 
 
 def make_runner(peer: str, batch: int, num_bins: int, device="cpu", seed: int = 0,
-                dtype=torch.float32, dynamic: bool = False) -> Runner:
+                dtype=torch.float32, dynamic: bool = False, compile_backend: str = "inductor") -> Runner:
     """Peer ``peer``: a backend name, ``compile(reference)`` (``dynamic``: one graph for all B), or
     ``raw:<backend>``: the backend's ``step`` called directly, without the module, the custom op and
-    autograd (a diagnostic: what the kernels cost without the Python around them)."""
+    autograd (a diagnostic: what the kernels cost without the Python around them). ``compile_backend``
+    is the compiled peer's ``torch.compile`` backend."""
     loss, lam = make_inputs(batch, num_bins, device, seed, dtype)
     raw = peer.startswith(RAW)
     backend = EAGER if peer == COMPILED else (peer[len(RAW):] if raw else peer)
@@ -148,12 +147,12 @@ def make_runner(peer: str, batch: int, num_bins: int, device="cpu", seed: int = 
         return Runner(peer, fwd, bwd, grad, module)
     if peer == COMPILED:
         _raise_recompile_limit()
-        step_fn = torch.compile(reference.step, dynamic=dynamic)
+        impl = _CompiledReference(dynamic, compile_backend)
         state = [getattr(module, n) for n in STATE_NAMES]
         params = module._params
 
         def fwd():
-            out, w = _CompiledReferenceFunction.apply(loss, lam, step_fn, state, params)
+            out, w = VAWFunction.apply(loss, lam, *state, params, True, False, impl)
             last["w"] = w
             return out
     else:
@@ -254,12 +253,12 @@ class Cell:
 
 
 def measure_shape(batch: int, num_bins: int, peers: Sequence[str], repeats: int, target_s: float,
-                  seed: int = 0, log=print, warmup: int = 3) -> List[Cell]:
+                  seed: int = 0, log=print, warmup: int = 3, compile_backend: str = "inductor") -> List[Cell]:
     """Time every peer at one shape, interleaved; returns one cell per peer."""
     runners = []
     for peer in peers:
         t0 = time.perf_counter()
-        runner = make_runner(peer, batch, num_bins, seed=seed)
+        runner = make_runner(peer, batch, num_bins, seed=seed, compile_backend=compile_backend)
         for _ in range(max(1, warmup)):  # warm-up (and compilation for the compiled peer)
             runner.fwd()
             runner.bwd()
@@ -390,17 +389,19 @@ def format_goals(goals: Sequence[Dict[str, object]]) -> str:
 
 def run(batches: Sequence[int], bins: Sequence[int], repeats: int, target_s: float, threads: int = 1,
         include_compiled: bool = True, peers: Optional[Sequence[str]] = None, log=print, warmup: int = 3,
-        include_raw: bool = False):
+        include_raw: bool = False, compile_backend: str = "inductor"):
     """Measure every shape; returns (machine info, cells, goals)."""
     torch.set_num_threads(threads)
     peers = list(peers) if peers is not None else cpu_peers(include_compiled, include_raw)
     info = machine_info(threads)
     info["peers"] = peers
+    info["compile_backend"] = compile_backend
     cells: List[Cell] = []
     for num_bins in bins:
         for batch in batches:
             log(f"measuring B={batch} K={num_bins} ({', '.join(peers)})")
-            cells.extend(measure_shape(batch, num_bins, peers, repeats, target_s, log=log, warmup=warmup))
+            cells.extend(measure_shape(batch, num_bins, peers, repeats, target_s, log=log, warmup=warmup,
+                                       compile_backend=compile_backend))
     return info, cells, check_goals(cells)
 
 
@@ -410,7 +411,8 @@ def report(info, cells, goals, command: str) -> str:
         f"torch {info['torch']}, Python {info['python']}, {info['platform']}, {info['date']}",
         f"command: {command}",
         f"peers: {', '.join(info['peers'])}; available backends: {', '.join(info['backends'])}; "
-        f"C++ CPU pass: {info.get('cpu_isa', '-')} (below B=1024: scalar)",
+        f"C++ CPU pass: {info.get('cpu_isa', '-')} (below B=1024: scalar); "
+        f"torch.compile backend: {info.get('compile_backend', 'inductor')}",
         "times: median of interleaved repeats, microseconds; ratios: eager reference time / peer time;",
         f"GB/s: {BYTES_PER_SAMPLE_FWD} B/sample (f32 loss + lam read, f32 weights written) / fwd+upd time;",
         "bwd: the op's backward node (what autograd runs for it) timed directly; xfixed: T(grad(vaw)) - T(grad((loss*w).mean())).",
@@ -434,6 +436,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--batches", type=int, nargs="*", default=None)
     parser.add_argument("--bins", type=int, nargs="*", default=None)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per peer and shape (at least 1)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled peer (default inductor, what the table claims; "
+                             "eager traces without generating code: the test suite's tiny run)")
     args = parser.parse_args(argv)
     batches = args.batches or (QUICK_BATCHES if args.quick else FULL_BATCHES)
     bins = args.bins or (QUICK_BINS if args.quick else FULL_BINS)
@@ -441,7 +447,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     target_s = 0.02 if args.quick else 0.1
     command = "python " + " ".join([os.path.relpath(__file__)] + list(argv if argv is not None else sys.argv[1:]))
     info, cells, goals = run(batches, bins, repeats, target_s, args.threads, not args.no_compile,
-                             log=lambda s: print(s, file=sys.stderr, flush=True), include_raw=args.raw)
+                             log=lambda s: print(s, file=sys.stderr, flush=True), include_raw=args.raw,
+                             warmup=args.warmup, compile_backend=args.compile_backend)
     print(report(info, cells, goals, command))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared check for a lent GPU machine (an H200: see /work/.library/device/), ~8 minutes:
+# One prepared check for a GPU machine (written for an H200), ~8 minutes:
 #   1. environment (GPU, driver, python, torch, triton, nvcc)
 #   2. offline install of the wheels carried in .whl/ (if any) into /tmp/site
 #   3. in-place build of the extension with CUDA (FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0)
@@ -22,14 +22,17 @@
 # output is tee'd to $OUT/gpu_check.log and a summary is printed last and saved as
 # $OUT/summary.md. $OUT defaults to ./gpu_results.
 #
-# From the device tool (the .whl folder holds torch-fidelity for the evaluation tests):
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# Usage, from the repository root of a GPU machine (a .whl/ folder there, if any, holds wheels to
+# install offline, e.g. torch-fidelity for the evaluation tests):
+#   bash benchmarks/gpu_check.sh
+#   OUT=/tmp/gpu_results timeout 600 bash benchmarks/gpu_check.sh    # results elsewhere, hard limit
 # Budget knobs: GPU_CHECK_BUDGET (seconds for the whole script, default 500), GPU_CHECK_QUICK=1
 # (smaller benchmark grid), GPU_CHECK_XDIST (pytest workers, default 8), GPU_CHECK_TESTS (pytest -k
 # expression, default "cuda or gpu"; empty runs the whole suite), PYTHON (default python3),
 # GPU_CHECK_STEPS (run only these steps, e.g. "environment build bench_gpu" for a rerun).
 # The fused kernels and the paper preset's images/s, within ~8 minutes:
-#   run(command="GPU_CHECK_STEPS='environment wheels build tests fused_tests fused_bench sanitizer images_per_s' bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#   GPU_CHECK_STEPS='environment wheels build tests fused_tests fused_bench sanitizer images_per_s' \
+#       bash benchmarks/gpu_check.sh
 set -uo pipefail  # no -e: a failing step is recorded and the next one still runs
 
 cd "$(dirname "$0")/.."

@@ -13,7 +13,7 @@
 
 // Build marker: setup.py bakes torch.__version__ in as "1" + hex(version) (a pp-number, so the
 // preprocessor never expands any part of it). Each library defines its own marker array from this
-// text; _ext.py reads it from the file before loading the library.
+// text; varweight_kernels/backends/extension.py reads it from the file before loading the library.
 #define VAW_STR2(x) #x
 #define VAW_STR(x) VAW_STR2(x)
 #ifdef VAW_TORCH_VERSION_HEX

@@ -1,25 +1,21 @@
-"""Smoke test of the benchmark scripts: the code paths run and print what they should (never timing)."""
+"""The benchmark scripts run for real at a tiny size and print what they should (never a timing claim).
+
+README's own benchmark commands (``compare.py --quick``, ``pytest benchmarks/bench_step.py``) run in
+test_readme_commands.py; here the scripts' other paths: the compiled peer against the eager
+reference, overhead.py and images_per_s.py on CPU, and bench_gpu.py / fused_step.py where a GPU is.
+"""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from tiny_runs import load_script
 
 
 def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +76,21 @@ def test_compare_steps_update_the_state(compare):
     assert torch.allclose(auto, runner.module.last_weights / 32)
 
 
+def test_compiled_peer_runs_the_modules_function_to_the_same_bits(compare):
+    """compile(reference) runs through ops.VAWFunction (no copy of it in compare.py); traced by dynamo
+    without code generation it must give the eager reference's output, gradient and state, bit for bit
+    (the peer once crashed here: it passed a list where reference.step reads KernelParams)."""
+    compiled = compare.make_runner(compare.COMPILED, 33, 8, compile_backend="eager")
+    eager = compare.make_runner("reference", 33, 8)
+    for _ in range(2):
+        assert torch.equal(compiled.fwd(), eager.fwd())
+        assert torch.equal(compiled.bwd(), eager.bwd())
+    assert torch.equal(compiled.grad(), eager.grad())
+    for name in ("M", "Q", "Z", "C", "weight", "step"):
+        assert torch.equal(getattr(compiled.module, name), getattr(eager.module, name)), name
+    assert int(compiled.module.step) == 3
+
+
 def test_raw_peer_calls_the_backend_directly(compare):
     assert compare.cpu_peers(include_compiled=False, include_raw=True)[-1].startswith(compare.RAW)
     runner = compare.make_runner(compare.RAW + "reference", 16, 4)
@@ -118,3 +129,39 @@ def test_images_per_s_runs_both_loops_on_cpu(tmp_path):
     result = json.loads((tmp_path / "images_per_s.json").read_text())
     assert result["arch"] == "paper" and result["ours_images_per_s"] > 0 and result["minimal_images_per_s"] > 0
     assert "| ours (train_cifar) |" in (tmp_path / "images_per_s.md").read_text()
+
+
+def test_overhead_runs_on_cpu(tmp_path):
+    """benchmarks/overhead.py on CPU: uniform against vaw on each CPU backend, one block of one step."""
+    threads = torch.get_num_threads()
+    try:
+        assert _load("overhead").main(["--preset", "digits-smoke", "--warmup", "1", "--blocks", "1",
+                                       "--steps-per-block", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads((tmp_path / "overhead.json").read_text())
+    assert result["command"].startswith("python ") and "digits-smoke" in result["command"]
+    text = (tmp_path / "overhead.md").read_text()
+    assert "| uniform |" in text and "| vaw (auto) |" in text
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="bench_gpu.py and fused_step.py need a CUDA device")
+
+
+@needs_cuda
+def test_bench_gpu_runs_one_shape(tmp_path):
+    bench_gpu = _load("bench_gpu")
+    assert bench_gpu.main(["--batches", "1024", "--bins", "64", "--no-compile", "--warmup-ms", "1", "--rep-ms", "2",
+                           "--out", str(tmp_path)]) == 0
+    assert "| 1024 | 64 |" in (tmp_path / "bench_gpu.md").read_text()
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_fused_step_script(backend, capsys, monkeypatch):
+    from varweight_kernels.backends import get_backend
+
+    monkeypatch.setattr(get_backend(backend), "fused", get_backend(backend).fused)  # the script turns it on: undo
+    _load("fused_step").main(backend)
+    assert f"{backend} fused steps: 2" in capsys.readouterr().out

@@ -136,8 +136,10 @@ def test_no_package_file_is_over_the_line_budget():
 
 
 def test_the_training_loop_reads_in_about_200_lines():
+    """``train`` is an 8-line wrapper that releases the run folder; the loop is ``_train``."""
     import inspect
 
     from varweight_kernels.training import loop
 
-    assert len(inspect.getsource(loop.train).splitlines()) <= 200
+    assert "return _train(" in inspect.getsource(loop.train)  # the wrapper hands over to the loop measured
+    assert len(inspect.getsource(loop._train).splitlines()) <= 200

@@ -1,7 +1,5 @@
 """Tests of the diffusion-training parts: weightings, U-Net, formulations, samplers, data, RNG."""
-import hashlib
 import math
-import pickle
 
 import numpy as np
 import pytest
@@ -14,6 +12,8 @@ from varweight_kernels.training.rng import STREAMS, derive_seed, get_rng_states,
 from varweight_kernels.training.samplers import ddim, ddpm_ancestral, heun_karras, karras_sigmas, sample_images
 from varweight_kernels.training.unet import UNet
 from varweight_kernels.training.weightings import make_weighting
+
+from tiny_runs import write_fake_cifar10
 
 D = torch.float64
 
@@ -305,22 +305,12 @@ def test_missing_cifar_error_names_options(tmp_path):
 
 def test_cifar_extracted_folder_is_parsed(tmp_path, monkeypatch):
     """Fabricated batches, read through torchvision once their MD5s are the published ones."""
-    import torchvision.datasets as tvd
-
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    names = [f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]
-    for i, name in enumerate(names):
+    def data_of(i):
         data = np.full((2, 3072), i, dtype=np.uint8)
         data[:, 1024:2048] = 100 + i  # green plane
-        with open(folder / name, "wb") as fh:
-            pickle.dump({"data": data, "labels": [0, 1]}, fh)
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": [str(k) for k in range(10)]}, fh)
-    md5 = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in names + ["batches.meta"]}
-    monkeypatch.setattr(tvd.CIFAR10, "train_list", [[n, md5[n]] for n in names[:5]])
-    monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
-    monkeypatch.setattr(tvd.CIFAR10, "meta", dict(tvd.CIFAR10.meta, md5=md5["batches.meta"]))
+        return data
+
+    write_fake_cifar10(tmp_path / "cifar-10-batches-py", data_of, monkeypatch)
     x, k = load_dataset("cifar10", root=str(tmp_path))
     assert k == 10 and x.shape == (10, 3, 32, 32) and x.dtype == torch.uint8
     assert x[0, 0].max() == 0 and x[0, 1].min() == 100 and x[9, 1, 5, 5] == 104

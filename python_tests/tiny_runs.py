@@ -1,10 +1,15 @@
 """The tiny trainer configuration (digits, 8-channel U-Net) that the trainer and fault tests share,
-and the bitwise comparison of two runs."""
+the bitwise comparison of two runs, a fabricated CIFAR-10 folder, and the loader of a script."""
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
+import pickle
+import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -85,3 +90,35 @@ def assert_runs_equal(out_a, out_b, step):
         assert za.files == zb.files
         for k in za.files:
             np.testing.assert_array_equal(za[k], zb[k], err_msg=k)
+
+
+def write_fake_cifar10(folder: Path, data_of: Callable[[int], np.ndarray], monkeypatch) -> None:
+    """An extracted ``cifar-10-batches-py/`` at ``folder``: batch ``i`` (five train, one test) holds
+    ``data_of(i)`` (uint8, (n, 3072)) with labels 0, 1, ...; its MD5s are registered with torchvision
+    for the test, so the loader reads it as it reads the published files."""
+    import torchvision.datasets as tvd
+
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        data = data_of(i)
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"data": data, "labels": [k % 10 for k in range(len(data))]}, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [str(k) for k in range(10)]}, fh)
+    md5 = {n: hashlib.md5((folder / n).read_bytes()).hexdigest() for n in names + ["batches.meta"]}
+    monkeypatch.setattr(tvd.CIFAR10, "train_list", [[n, md5[n]] for n in names[:5]])
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(tvd.CIFAR10, "meta", dict(tvd.CIFAR10.meta, md5=md5["batches.meta"]))
+
+
+def load_script(path: str):
+    """A script of the checkout (``benchmarks/compare.py``) as a module, its folder importable."""
+    folder = str((ROOT / path).parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(f"_script_{Path(path).stem}", ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -1,9 +1,10 @@
 """Loader of the compiled kernels (``varweight_kernels._C`` and ``varweight_kernels._C_cuda``).
 
 The libraries register the ops ``torch.ops.varweight_ext.{forward_moments, update, step,
-weighted_step, scale_grad, build_info, cpu_isa}`` when loaded (``csrc/vaw.cpp`` has their schemas). Each carries the ``torch.__version__`` it was compiled against as a marker string; the
-marker is read from the file BEFORE the library is loaded, so a build for another torch is never
-dlopen'ed (that could crash on undefined symbols or ABI changes). When the CPU library is missing,
+weighted_step, scale_grad, build_info, cpu_isa}`` when loaded (``csrc/vaw.cpp`` has their schemas),
+and the CUDA library also ``cuda_fused_kernels`` (its schema is in ``csrc/cuda/vaw_cuda.cu``).
+Each carries the ``torch.__version__`` it was compiled against as a marker string; the marker is
+read from the file BEFORE the library is loaded, so a build for another torch is never dlopen'ed (that could crash on undefined symbols or ABI changes). When the CPU library is missing,
 was built for another torch, or fails to load, a warning is issued once and the CPU kernels are
 built just in time with ``torch.utils.cpp_extension.load`` (cached under ``TORCH_EXTENSIONS_DIR``
 or ``~/.cache/torch_extensions``). ``VARWEIGHT_NO_JIT=1`` disables that build; the backend is then

@@ -22,7 +22,8 @@ BACKENDS: Tuple[BackendSpec, ...] = (
     BackendSpec("reference", "varweight_kernels.backends.reference", "ReferenceBackend", {"cpu": 1, "cuda": 2}),
     BackendSpec("cpp", "varweight_kernels.backends.compiled", "CppBackend", {"cpu": 0}),
     BackendSpec("triton", "varweight_kernels.backends.triton", "TritonBackend", {"cuda": 1}),
-    # Fastest on CUDA tensors at every size measured on an H200 (benchmarks/RESULTS.md).
+    # Fastest on CUDA tensors in eager steps at every size measured on an H200 (benchmarks/RESULTS.md;
+    # replayed from a CUDA graph, triton is as fast at B = 1024).
     BackendSpec("cuda", "varweight_kernels.backends.compiled", "CudaBackend", {"cuda": 0}),
 )
 

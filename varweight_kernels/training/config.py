@@ -5,12 +5,13 @@ resolved as ``flag > preset > default``; on ``--resume`` the saved run's config 
 place of the defaults (``flag > preset > saved config``), and a change to a field that would
 alter the training trajectory is refused (see ``RESUME_MUTABLE``).
 
-Defaults are the paper's recipe (arXiv 2603.10391, see shared/REFERENCES.md): EDM with
+The defaults take the paper's hyper-parameters (arXiv 2603.10391, see docs/REFERENCES.md): EDM with
 sigma_data 0.5 and ln(sigma) ~ N(-1.2, 1.2); U-Net 128 channels, multipliers (1, 2, 4),
 attention at 16x16 and 8x8, Fourier noise embedding; batch 128, AdamW lr 2e-4, weight decay 0,
 grad clip 1.0, EMA 0.9995, 60k steps; Heun sampler, 50 Karras steps, rho 7. The network, the
 precision and the epoch's last batch default to our faster variant (``--arch ddpm``, bf16 on
-CUDA, the short batch dropped); the ``seed-*`` presets switch all three to the paper's code.
+CUDA, the short batch dropped), so the defaults are not the paper's run; the ``seed-*`` presets
+switch all three to the paper's code.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ class TrainError(RuntimeError):
 class TrainConfig:
     # ---- run management --------------------------------------------------------------------
     preset: str = field(default="", metadata={"help": "apply a named preset first (flags override it): "
-                                                      "seed-cifar10, seed-cifar100, fast-cifar10, fast-cifar100, ddpm-cifar10, "
-                                                      "digits-smoke, digits-cpu"})
+                                                      "seed-cifar10, seed-cifar100, fast-cifar10, fast-cifar100, "
+                                                      "ddpm-cifar10, digits-smoke, digits-cpu, digits-ablation"})
     out: str = field(default="runs/train", metadata={"help": "run folder (config, metrics, checkpoints, samples)"})
     resume: bool = field(default=False, metadata={"help": "continue from the latest good checkpoint in --out"})
     overwrite: bool = field(default=False, metadata={"help": "delete an existing run's files in --out and start anew"})
@@ -323,8 +324,8 @@ _PAPER_CODE = dict(arch="paper", amp="fp32", drop_last=False)
 _EVERY_2K = dict(fid_every=2000, fid_samples=5000, sample_every=2000)
 
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # The paper's experiment on CIFAR-10 / CIFAR-100 as its code ran it (shared/PAPER_UNET.md):
-    # its own U-Net, float32 without autocast, every epoch's short last batch kept, FID every 2k
+    # The paper's experiment on CIFAR-10 / CIFAR-100 as its public notebooks ran it
+    # (Nalo-Sun/Adaptive-Diffusion-Weighting; the network: training/paper_unet.py): its own U-Net, float32 without autocast, every epoch's short last batch kept, FID every 2k
     # steps on 5k samples. seed-cauchy keeps its default alpha 0.05: the notebook that analyses
     # the paper's three adaptive checkpoints (4.3) weights with 0.05, while the one logged 0.01
     # run (4.5) ended at FID 14.49, above the 14.21 reported for the baseline, so it is unlikely
@@ -345,14 +346,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "digits-smoke": dict(_DIGITS_COMMON, channels=16, steps=20, batch_size=32, lr=1e-3, ema_decay=0.9,
                          log_every=5, ckpt_every=10, sample_steps=6, grid_size=16, num_samples=16,
                          fid_every=0, fid_samples=64),
-    # Sized so 3 weightings x 3 seeds finish in about an hour on 2 CPU cores, two runs at a time
-    # with OMP_NUM_THREADS=1 each (tiny models scale badly across threads); step times are in
-    # benchmarks/RESULTS.md.
     # The ablation of issue #17 (experiments/ablation.py): early training, where weightings act
     # on this proxy: 400 steps, the digits score at 100, 200, 300 and 400 on 250 samples.
     "digits-ablation": dict(_DIGITS_COMMON, channels=32, steps=400, batch_size=64, lr=1e-3, ema_decay=0.99,
                             log_every=50, ckpt_every=200, fid_steps=(100, 200, 300, 400), fid_samples=250,
                             analysis_batches=0),
+    # Sized so 3 weightings x 3 seeds finish in about an hour on 2 CPU cores, two runs at a time
+    # with OMP_NUM_THREADS=1 each (tiny models scale badly across threads); step times are in
+    # benchmarks/RESULTS.md.
     "digits-cpu": dict(_DIGITS_COMMON, channels=32, steps=2000, batch_size=64, lr=1e-3, ema_decay=0.995,
                        log_every=50, ckpt_every=500, fid_every=500, fid_samples=500, sample_every=500),
 }

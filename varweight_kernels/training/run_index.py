@@ -24,7 +24,8 @@ SUMMARY_FIELDS = ("dataset", "formulation", "weighting", "noise_sampling", "arch
                   "steps", "batch_size", "lr", "ema_decay", "seed", "sampler", "sample_steps")
 DATA_FILES = (("metrics.jsonl", "one JSON record per logged step"),
               ("binstats.npz", "per-bin mean and variance of the unweighted loss over training"),
-              ("persample.npz", "per-sample log-SNR and unweighted loss of the final EMA model"),
+              ("persample.npz", "per-sample log-SNR and the unweighted and weighted loss of the final EMA "
+                                "and raw models"),
               ("samples.npz", "the --sample-only samples, uint8 NHWC under key \"images\""))
 REPORT_LEVELS = 3  # EXP/runs/LABEL/seedS: the report is three folders up
 
