@@ -123,7 +123,7 @@ def make_runner(peer: str, batch: int, num_bins: int, device="cpu", seed: int = 
     loss, lam = make_inputs(batch, num_bins, device, seed, dtype)
     raw = peer.startswith(RAW)
     backend = EAGER if peer == COMPILED else (peer[len(RAW):] if raw else peer)
-    module = VarianceAwareWeighting(num_bins=num_bins, backend=backend).to(device).train()
+    module = VarianceAwareWeighting(num_bins=num_bins, backend=backend, prior=None).to(device).train()  # the kernels alone
     grad_one = torch.ones((), dtype=dtype, device=device)
     last = {}
     if raw:

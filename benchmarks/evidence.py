@@ -38,6 +38,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from varweight_kernels import VarianceAwareWeighting  # noqa: E402
+from varweight_kernels.weightings import CauchyWeighting  # noqa: E402
 from varweight_kernels.evaluation.digits_classifier import load_digits_split  # noqa: E402
 from varweight_kernels.experiments.confirm import PREREGISTRATION, analyse  # noqa: E402
 from varweight_kernels.training.ddpm_unet import UNet  # noqa: E402
@@ -53,18 +54,18 @@ MINIATURE = dict(steps=6, seeds=[200, 201], batch=8, channels=8, lr=1e-3, ema=0.
 
 
 def variants() -> Dict[str, Callable[[], Callable]]:
-    """label -> factory of a per-model weighting ``w(loss, lam) -> scalar``."""
-    def cauchy_normalized(loss, lam, alpha=0.05):
-        w = 1.0 / (1.0 + alpha * (lam - lam.mean()) ** 2)
-        return (loss * (w / w.mean())).mean()
+    """label -> factory of a per-model weighting ``w(loss, lam) -> scalar`` (the library's where it has one)."""
+    def min_snr(loss, lam, gamma=5.0):
+        # min(SNR, gamma) / SNR with the published EDM SNR 1/sigma^2 (lam = log(sigma_data^2 / sigma^2))
+        snr = lam.exp() / SIGMA_DATA ** 2
+        return (loss * torch.clamp(gamma / snr, max=1.0)).mean()
 
     return {
         "uniform": lambda: (lambda loss, lam: loss.mean()),
-        "vaw__power=-1": lambda: VarianceAwareWeighting(num_bins=16, min_count=8, power=-1.0),
-        "vaw__power=0.5": lambda: VarianceAwareWeighting(num_bins=16, min_count=8, power=0.5),
-        "seed-cauchy__normalized": lambda: cauchy_normalized,
-        "min-snr__gamma=5": lambda: (lambda loss, lam: (loss * torch.clamp(5.0 / (lam.exp() * SIGMA_DATA ** -2),
-                                                                          max=1.0)).mean()),
+        "vaw": lambda: VarianceAwareWeighting(num_bins=16, min_count=8),  # the default: power -1 x Cauchy prior
+        "vaw__power=-1": lambda: VarianceAwareWeighting(num_bins=16, min_count=8, power=-1.0, prior=None),
+        "seed-cauchy__alpha=0.05": lambda: CauchyWeighting(alpha=0.05),
+        "min-snr__gamma=5": lambda: min_snr,
     }
 
 

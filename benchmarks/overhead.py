@@ -91,7 +91,7 @@ class TrainStep:
         torch.manual_seed(derive_seed(cfg.seed, "dropout", 0))
         self.ema = T.EMA(self.model, cfg.ema_decay)
         self.weighting = T.build_weighting(cfg, self.formulation, self.gens["weighting"]).to(device)
-        self.observer = VarianceAwareWeighting(**cfg.vaw_kwargs()).to(device)
+        self.observer = VarianceAwareWeighting(prior=None, **cfg.vaw_kwargs()).to(device)
         self.noise_sampler = T.build_noise_sampler(cfg, self.formulation)
         self.batches = BatchIterator(images, cfg.batch_size, self.gens["data"], hflip=cfg.flip)
         params = list(self.model.parameters()) + [p for p in self.weighting.parameters() if p.requires_grad]

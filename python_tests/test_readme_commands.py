@@ -108,7 +108,8 @@ class _InProcessTrainer:
     """Stands in for ``subprocess.Popen`` in the experiment runner: runs its ``python
     train_cifar.py ARGS`` command as ``training.cli.main(ARGS)``, output to the run's log."""
 
-    def __init__(self, cmd, stdout=None, stderr=None, env=None, cwd=None):
+    def __init__(self, cmd, stdout=None, stderr=None, env=None, cwd=None, **process_options):
+        """``process_options`` (new session, death signal, inherited lock fd) concern a real child only."""
         from varweight_kernels.training import cli
 
         assert Path(cmd[1]).name == "train_cifar.py", cmd
