@@ -3,11 +3,16 @@ backend changes, and the FID loaders (CPU, digits; the CIFAR FID tests use fake 
 
 - 5: a resume at the last step keeps the off-cadence final metrics record (--resume of a
   finished run, kill -9 after the last checkpoint, SIGTERM in the last step).
+- 13: a checkpoint that cannot be read now (EIO, EMFILE, out of memory) is one line and left
+  alone, never quarantined; under DDP rank 0 picks the file and every rank loads that one.
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
+import socket
 import signal
 import subprocess
 import sys
@@ -17,8 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from varweight_kernels.training.checkpoint import list_checkpoints
+from varweight_kernels.training.cli import main
+from varweight_kernels.training.distributed import DistInfo
+from varweight_kernels.training.state import read_resume_point
 from varweight_kernels.training.loop import Callbacks, train
 from tiny_runs import (ROOT, TINY_FLAGS, assert_runs_equal, one_thread, read_metrics, strip_timing,  # noqa: F401
                        subprocess_env, tiny)
@@ -111,3 +121,86 @@ def test_a_resume_that_continues_still_drops_the_final_record(tmp_path, unbroken
     train(tiny(tmp_path / "ref", steps=8))
     assert_runs_equal(tmp_path / "ref", out, 8)
     assert [r["step"] for r in read_metrics(out)] == [2, 4, 6, 8]
+
+
+# -- 13: a transient read error on --resume -----------------------------------------------------------
+NEWEST = f"ckpt_{STEPS:08d}.pt"
+
+
+def failing_load(error: BaseException, name: str = NEWEST):
+    """torch.load that raises ``error`` when it opens the file ``name`` (the newest checkpoint)."""
+    real = torch.load
+
+    def load(source, *args, **kwargs):
+        if isinstance(source, (str, os.PathLike)) and os.path.basename(source) == name:
+            raise error
+        return real(source, *args, **kwargs)
+    return load
+
+
+def checkpoint_names(out) -> list:
+    return sorted(p.name for p in (Path(out) / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"),
+                                   OSError(errno.EMFILE, "Too many open files"), MemoryError()],
+                         ids=["EIO", "EMFILE", "MemoryError"])
+def test_a_transient_read_error_on_resume_quarantines_nothing(tmp_path, capsys, monkeypatch, unbroken, error):
+    out = copy_run(unbroken, tmp_path / "run")
+    (out / "DONE").unlink()
+    names = checkpoint_names(out)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "load", failing_load(error))
+        capsys.readouterr()
+        assert main(["--out", str(out), "--resume"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert NEWEST in err and "cannot be read" in err and "left as it is" in err, err
+    assert checkpoint_names(out) == names  # nothing quarantined, nothing removed
+    assert main(["--out", str(out), "--resume"]) == 0  # the cause gone, the newest one resumes
+    assert_final_record_kept(unbroken, out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _resume_worker(rank, world, port, runs):
+    """On every rank, read_resume_point of each run in ``runs``: ``(out, error on rank 1 or "")``.
+    Writes ``<out>/rank<r>.json``: the checkpoint the rank resumes from, or its error."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for out, rank1_error in runs:
+            if rank == 1 and rank1_error:
+                torch.load = failing_load(OSError(errno.EIO, "Input/output error"))
+            try:
+                found = {"path": os.path.basename(read_resume_point(tiny(out, steps=STEPS, resume=True),
+                                                                    DistInfo()).path)}
+            except Exception as exc:
+                found = {"error": f"{type(exc).__name__}: {exc}"}
+            with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+                json.dump(found, fh)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_resume_from_the_same_checkpoint(tmp_path, unbroken):
+    """Rank 1 alone cannot read the newest file: every rank stops (before, rank 1 took the older one
+    while rank 0 took the newest). A corrupt newest file: quarantined once, every rank takes the older."""
+    transient = copy_run(unbroken, tmp_path / "transient")
+    corrupt = copy_run(unbroken, tmp_path / "corrupt")
+    newest = corrupt / "checkpoints" / NEWEST
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    mp.spawn(_resume_worker, args=(2, _free_port(), [(str(transient), "EIO"), (str(corrupt), "")]), nprocs=2,
+             join=True)
+    seen = [json.loads((transient / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all("error" in s for s in seen), seen
+    assert all("rank 1" in s["error"] and NEWEST in s["error"] and "cannot be read" in s["error"] for s in seen), seen
+    assert checkpoint_names(transient) == checkpoint_names(unbroken)
+    seen = [json.loads((corrupt / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen == [{"path": "ckpt_00000003.pt"}] * 2, seen
+    assert checkpoint_names(corrupt) == ["ckpt_00000003.pt", NEWEST + ".corrupt"]
