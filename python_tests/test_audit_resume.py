@@ -5,6 +5,8 @@ backend changes, and the FID loaders (CPU, digits; the CIFAR FID tests use fake 
   finished run, kill -9 after the last checkpoint, SIGTERM in the last step).
 - 13: a checkpoint that cannot be read now (EIO, EMFILE, out of memory) is one line and left
   alone, never quarantined; under DDP rank 0 picks the file and every rank loads that one.
+- 18: a --backend change on --resume is bitwise in everything README "Reliability" says, and
+  the one thing it excepts (``weighted_loss``, a log value) stays within float32 rounding.
 """
 from __future__ import annotations
 
@@ -25,13 +27,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from varweight_kernels.training.checkpoint import list_checkpoints
+from varweight_kernels import available_backends
+from varweight_kernels.training.checkpoint import list_checkpoints, load_checkpoint
 from varweight_kernels.training.cli import main
 from varweight_kernels.training.distributed import DistInfo
 from varweight_kernels.training.state import read_resume_point
 from varweight_kernels.training.loop import Callbacks, train
-from tiny_runs import (ROOT, TINY_FLAGS, assert_runs_equal, one_thread, read_metrics, strip_timing,  # noqa: F401
-                       subprocess_env, tiny)
+from tiny_runs import (ROOT, TINY_FLAGS, assert_runs_equal, assert_tree_equal, one_thread, read_metrics,  # noqa: F401
+                       strip_timing, subprocess_env, tiny)
 
 STEPS = 5  # off the log cadence (TINY logs every 2 steps): the run ends with a "final" record
 
@@ -204,3 +207,38 @@ def test_ddp_ranks_resume_from_the_same_checkpoint(tmp_path, unbroken):
     seen = [json.loads((corrupt / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert seen == [{"path": "ckpt_00000003.pt"}] * 2, seen
     assert checkpoint_names(corrupt) == ["ckpt_00000003.pt", NEWEST + ".corrupt"]
+
+
+# -- 18: what a --backend change keeps bitwise ---------------------------------------------------------
+@pytest.mark.skipif("cpp" not in available_backends(), reason="needs the compiled cpp backend to change to")
+@pytest.mark.parametrize("first,then", [("cpp", "reference"), ("reference", "cpp")])
+def test_a_backend_change_on_resume_is_bitwise_but_weighted_loss(tmp_path, first, then):
+    """VAW's weighted mean is summed per bin in float64 by cpp, per sample in float32 by the
+    reference: the last bit of ``weighted_loss`` (and of the checkpoint's running sum of it) may
+    differ; parameters, every state, binstats and every other metric are bitwise."""
+    kw = dict(weighting="vaw", steps=7)  # records 2, 4, 6, 7 (final); before the README said: all bitwise
+    train(tiny(tmp_path / "ref", backend=first, **kw))
+    out = tmp_path / "run"
+    train(tiny(out, backend=first, **{**kw, "steps": 3}))
+    train(tiny(out, backend=then, resume=True, **kw))
+    for step in (6, 7):
+        a = load_checkpoint(str(tmp_path / "ref" / "checkpoints" / f"ckpt_{step:08d}.pt"))
+        b = load_checkpoint(str(out / "checkpoints" / f"ckpt_{step:08d}.pt"))
+        wa, wb = a["log_accum"].pop("wloss"), b["log_accum"].pop("wloss")
+        assert wa == pytest.approx(wb, rel=1e-6, abs=0)
+        assert_tree_equal(a, b)
+    ref, run = strip_timing(read_metrics(tmp_path / "ref")), strip_timing(read_metrics(out))
+    assert [r["weighted_loss"] for r in ref] == pytest.approx([r["weighted_loss"] for r in run], rel=1e-6, abs=0)
+    assert ([{k: v for k, v in r.items() if k != "weighted_loss"} for r in ref]
+            == [{k: v for k, v in r.items() if k != "weighted_loss"} for r in run])
+    assert len(ref) == 4
+    a, b = binstats(tmp_path / "ref"), binstats(out)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_readme_states_what_a_backend_change_keeps_bitwise():
+    """The claim the test above checks, where users read it (it used to promise bitwise metrics)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Reliability"):]
+    section = section[:section.index("\n## ", 1)]
+    assert "`--backend`" in section and "`weighted_loss`" in section
