@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
-__all__ = ["CheckpointError", "CheckpointUnreadable", "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint",
-           "list_checkpoints", "checkpoint_path", "load_latest_good", "prune_checkpoints",
+__all__ = ["CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint",
+           "list_checkpoints", "checkpoint_path", "load_latest_good", "prune_checkpoints", "CheckpointUnreadable",
            "clean_temp_files", "check_plain", "atomic_write_bytes", "WriteError", "write_reason", "SAVE_SLEEP_ENV"]
 
 FORMAT_NAME = "varweight-checkpoint"
