@@ -1,6 +1,9 @@
 """Issue #24 items 1, 5, 13 and 18: resumes that end where they start, transient read errors,
 backend changes, and the FID loaders (CPU, digits; the CIFAR FID tests use fake weights).
 
+- 1: no code runs from the Inception weights (--fid-weights, the hub cache, a download) or from
+  the reference-statistics cache; a wrong --fid-weights stops the trainer before its first step.
+
 - 5: a resume at the last step keeps the off-cadence final metrics record (--resume of a
   finished run, kill -9 after the last checkpoint, SIGTERM in the last step).
 - 13: a checkpoint that cannot be read now (EIO, EMFILE, out of memory) is one line and left
@@ -11,14 +14,16 @@ backend changes, and the FID loaders (CPU, digits; the CIFAR FID tests use fake 
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 import os
-import shutil
 import socket
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,21 +33,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from varweight_kernels import available_backends
+from varweight_kernels.evaluation import FIDEvaluator
+from varweight_kernels.evaluation import fid as fid_mod
+from varweight_kernels.training import loop
 from varweight_kernels.training.checkpoint import list_checkpoints, load_checkpoint
 from varweight_kernels.training.cli import main
 from varweight_kernels.training.distributed import DistInfo
 from varweight_kernels.training.state import read_resume_point
 from varweight_kernels.training.loop import Callbacks, train
+from test_evaluation import fake_inception_weights  # noqa: F401 (a fixture)
+from test_hardening import Payload, copy_run
 from tiny_runs import (ROOT, TINY_FLAGS, assert_runs_equal, assert_tree_equal, one_thread, read_metrics,  # noqa: F401
                        strip_timing, subprocess_env, tiny)
 
 STEPS = 5  # off the log cadence (TINY logs every 2 steps): the run ends with a "final" record
-
-
-def copy_run(src, dst) -> Path:
-    shutil.copytree(src, dst, symlinks=True)
-    (dst / ".varweight-lock").unlink(missing_ok=True)
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,106 @@ def assert_final_record_kept(unbroken, out):
     assert_runs_equal(unbroken, out, STEPS)  # the final record and bin snapshot included
     assert read_metrics(out)[-1]["step"] == STEPS and read_metrics(out)[-1].get("final")
     assert (out / "DONE").is_file()
+
+
+# -- 1: the FID loaders -------------------------------------------------------------------------------
+IMAGES = torch.randint(0, 256, (4, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def evil_weights(path: Path, marker: Path) -> Path:
+    torch.save({"Conv2d_1a_3x3.conv.weight": Payload(marker)}, path)
+    return path
+
+
+def cifar_evaluator(tmp_path, **kw) -> FIDEvaluator:
+    return FIDEvaluator("cifar10", cache_dir=tmp_path / "cache", reference_images=IMAGES, num_samples=4,
+                        batch_size=4, **kw)
+
+
+def score_warnings(ev: FIDEvaluator):
+    """``ev.score(IMAGES)`` and the RuntimeWarnings it gave (or the exception it raised)."""
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            result = ev.score(IMAGES)
+        except Exception as exc:
+            result = exc
+    return result, [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
+
+
+def test_a_planted_pickle_as_fid_weights_never_runs(tmp_path):
+    marker = tmp_path / "PAYLOAD_RAN"
+    ev = cifar_evaluator(tmp_path, weights_path=evil_weights(tmp_path / "inception.pth", marker))
+    result, _ = score_warnings(ev)
+    assert not marker.exists()
+    assert type(result).__name__ == "FIDWeightsError", result
+    msg = str(result)
+    assert len(msg.splitlines()) == 1 and "inception.pth" in msg and "sha256" in msg and "not loaded" in msg, msg
+
+
+def test_a_planted_pickle_in_the_hub_cache_never_runs(tmp_path, monkeypatch):
+    marker = tmp_path / "PAYLOAD_RAN"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    evil_weights(tmp_path / "hub" / "checkpoints" / fid_mod.INCEPTION_FILENAME, marker)
+    result, msgs = score_warnings(cifar_evaluator(tmp_path))
+    assert not marker.exists()
+    assert result is None and len(msgs) == 1, (result, msgs)
+    assert fid_mod.INCEPTION_FILENAME in msgs[0] and "sha256" in msgs[0], msgs
+
+
+def test_a_download_that_is_not_the_published_file_is_never_kept(tmp_path, monkeypatch):
+    marker = tmp_path / "PAYLOAD_RAN"
+    payload = evil_weights(tmp_path / "served.pth", marker).read_bytes()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(fid_mod.urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(payload))
+    result, msgs = score_warnings(cifar_evaluator(tmp_path))
+    assert not marker.exists()
+    assert result is None and len(msgs) == 1 and "sha256" in msgs[0], (result, msgs)
+    assert not any((tmp_path / "hub" / "checkpoints").iterdir())  # neither the file nor a .part
+
+
+@pytest.mark.slow
+def test_a_planted_statistics_cache_never_runs(tmp_path, monkeypatch, fake_inception_weights):
+    """torch-fidelity's .pt cache (torch.load(weights_only=False)) is never read; ours is an npz
+    read with allow_pickle=False, and a planted one is recomputed."""
+    marker = tmp_path / "PAYLOAD_RAN"
+    digest = hashlib.sha256(fake_inception_weights.read_bytes()).hexdigest()
+    monkeypatch.setattr(fid_mod, "INCEPTION_SHA256", digest, raising=False)  # the fake stands in for the real file
+    cache = tmp_path / "cache" / "fidelity_cache"
+    cache.mkdir(parents=True)
+    stem = f"cifar10-train-n{len(IMAGES)}-{fake_inception_weights.stem}-inception-v3-compat"
+    torch.save(Payload(marker), cache / f"{stem}-stat-fid-2048.pt")  # where torch-fidelity cached them
+    for what in ("2048", "logits_unbiased"):
+        torch.save(Payload(marker), cache / f"{stem}-features-{what}.pt")
+    ours = cache / f"cifar10-train-n{len(IMAGES)}-inception-v3-compat-{digest[:8]}-stat-fid-2048.npz"
+    np.savez(ours, mu=np.array([Payload(marker)], dtype=object), sigma=np.zeros((1, 1)))
+    ev = cifar_evaluator(tmp_path, weights_path=fake_inception_weights)
+    result, msgs = score_warnings(ev)
+    assert not marker.exists()
+    assert isinstance(result, dict) and np.isfinite(result["fid"]) and not msgs, (result, msgs)
+    with np.load(ours, allow_pickle=False) as z:  # replaced by the real statistics
+        assert z["mu"].shape == (2048,) and z["sigma"].shape == (2048, 2048)
+    again = cifar_evaluator(tmp_path, weights_path=fake_inception_weights).score(IMAGES)
+    assert again == result  # read back from the npz: the same value
+
+
+@pytest.mark.parametrize("kind", ["pickle-with-code", "other-weights"])
+def test_a_wrong_fid_weights_file_stops_the_trainer_before_its_first_step(tmp_path, capsys, monkeypatch,
+                                                                          fake_inception_weights, kind):
+    marker = tmp_path / "PAYLOAD_RAN"
+    weights = (evil_weights(tmp_path / "inception.pth", marker) if kind == "pickle-with-code"
+               else fake_inception_weights)
+    monkeypatch.setattr(loop, "load_data", lambda cfg: IMAGES.repeat(8, 1, 1, 1))  # no CIFAR download here
+    out = tmp_path / "run"
+    capsys.readouterr()
+    rc = main(["--out", str(out), *TINY_FLAGS, "--dataset", "cifar10", "--steps", "2", "--fid-every", "1",
+               "--fid-samples", "2", "--fid-weights", str(weights)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "--fid-weights" in err and weights.name in err and "sha256" in err, err
+    assert not marker.exists()
+    assert not list_checkpoints(str(out / "checkpoints"))  # not one step was trained
 
 
 # -- 5: a resume at the last step -------------------------------------------------------------------
