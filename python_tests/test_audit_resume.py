@@ -3,7 +3,6 @@ backend changes, and the FID loaders (CPU, digits; the CIFAR FID tests use fake 
 
 - 1: no code runs from the Inception weights (--fid-weights, the hub cache, a download) or from
   the reference-statistics cache; a wrong --fid-weights stops the trainer before its first step.
-
 - 5: a resume at the last step keeps the off-cadence final metrics record (--resume of a
   finished run, kill -9 after the last checkpoint, SIGTERM in the last step).
 - 13: a checkpoint that cannot be read now (EIO, EMFILE, out of memory) is one line and left
@@ -39,8 +38,8 @@ from varweight_kernels.training import loop
 from varweight_kernels.training.checkpoint import list_checkpoints, load_checkpoint
 from varweight_kernels.training.cli import main
 from varweight_kernels.training.distributed import DistInfo
-from varweight_kernels.training.state import read_resume_point
 from varweight_kernels.training.loop import Callbacks, train
+from varweight_kernels.training.state import read_resume_point
 from test_evaluation import fake_inception_weights  # noqa: F401 (a fixture)
 from test_hardening import Payload, copy_run
 from tiny_runs import (ROOT, TINY_FLAGS, assert_runs_equal, assert_tree_equal, one_thread, read_metrics,  # noqa: F401
