@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 
 __all__ = ["CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint",
-           "list_checkpoints", "checkpoint_path", "load_latest_good", "prune_checkpoints",
+           "list_checkpoints", "checkpoint_path", "load_latest_good", "prune_checkpoints", "CheckpointUnreadable",
            "clean_temp_files", "check_plain", "atomic_write_bytes", "WriteError", "write_reason", "SAVE_SLEEP_ENV"]
 
 FORMAT_NAME = "varweight-checkpoint"
@@ -48,6 +48,11 @@ SAVE_SLEEP_ENV = "VARWEIGHT_TEST_SAVE_SLEEP"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file and says why."""
+
+
+class CheckpointUnreadable(CheckpointError):
+    """A checkpoint could not be read now (I/O error, too many open files, out of memory): says
+    nothing about the file, so it is never quarantined and no older one is tried in its place."""
 
 
 class WriteError(RuntimeError):
@@ -162,10 +167,14 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _safe_load(source, name: str, what: str):
+    """``torch.load(weights_only=True)``; what it cannot parse is ``CheckpointError`` (corrupt), while
+    a failure to read (``OSError``, ``MemoryError``) passes through: it is not the file's fault."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.load(source, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
             detail = ""
@@ -184,13 +193,19 @@ def _safe_load(source, name: str, what: str):
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """Read, verify and return a checkpoint's state (tensors on CPU). Raises ``CheckpointError``
-    naming ``path`` if the file is missing, truncated, corrupted, of another format version, or
-    needs pickled objects."""
-    name = str(path)
+    naming ``path`` if the file is truncated, corrupted, of another format version, or needs
+    pickled objects; ``CheckpointUnreadable`` if it cannot be read now (missing, I/O error, out of memory)."""
     try:
-        size = os.path.getsize(path)
+        return _load_checkpoint(str(path))
     except OSError as exc:
-        raise CheckpointError(f"checkpoint {name} cannot be read: {exc.strerror or exc}") from None
+        raise CheckpointUnreadable(f"checkpoint {path} cannot be read: {exc.strerror or exc}; it was left as it "
+                                   "is (retry when the cause is gone)") from None
+    except MemoryError:
+        raise CheckpointUnreadable(f"checkpoint {path} cannot be read: out of memory; it was left as it is") from None
+
+
+def _load_checkpoint(name: str) -> Dict[str, Any]:
+    size = os.path.getsize(name)
     if size == 0:
         raise CheckpointError(f"checkpoint {name} is empty (truncated)")
     wrapper = _safe_load(name, name, "file")
@@ -252,7 +267,8 @@ def load_latest_good(folder: str, warn: Callable[[str], None] = print,
 
     A bad one is reported through ``warn`` (naming the file and why) and, with ``quarantine``,
     renamed to ``<name>.corrupt`` so that it is never retried or counted as a kept checkpoint;
-    the previous one is tried next. Raises ``CheckpointError`` when none is good."""
+    the previous one is tried next. Raises ``CheckpointError`` when none is good, and
+    ``CheckpointUnreadable`` at once, quarantining nothing, when one cannot be read now."""
     ckpts = list_checkpoints(folder)
     if not ckpts:
         raise CheckpointError(f"no checkpoint to resume from in {folder}")
@@ -260,6 +276,8 @@ def load_latest_good(folder: str, warn: Callable[[str], None] = print,
     for _, path in ckpts:
         try:
             return path, load_checkpoint(path)
+        except CheckpointUnreadable:
+            raise
         except CheckpointError as exc:
             problems.append(str(exc))
             tail = "; trying the previous one" if path != ckpts[-1][1] else ""

@@ -134,7 +134,7 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
     log = MetricsLog(out, enabled=d.main)
     if resume_point is not None:
         state.resume(resume_point, d, device, cfg.seed)
-        log.truncate_to(state.step, resume_point.config.log_every)
+        log.truncate_to(state.step, resume_point.config.log_every, keep_final=state.step >= cfg.steps)
         if resume_point.trajectory_changes:
             log.write({"step": state.step, "trajectory_change": resume_point.trajectory_changes})
         say(f"resumed from {resume_point.path} at step {state.step}", quiet)

@@ -265,9 +265,11 @@ class MetricsLog:
             except Exception:
                 self.tb = None
 
-    def truncate_to(self, step: int, log_every: int) -> None:
+    def truncate_to(self, step: int, log_every: int, keep_final: bool = False) -> None:
         """On resume from ``step``: drop what was logged after it, and the "final" partial-interval
-        record / bin snapshot written at ``step`` if it was off the (saved run's) log cadence."""
+        record / bin snapshot written at ``step`` if it was off the (saved run's) log cadence, since
+        the steps that follow log that interval again. ``keep_final``: no step follows (the run
+        is at its end), so nothing would rewrite them and both are kept."""
         if not self.enabled:
             return
         if os.path.exists(self.path):
@@ -283,7 +285,7 @@ class MetricsLog:
                                          "integer step); remove the line to resume")
                     if rec.get("step", 0) > step:
                         continue
-                    if rec.get("final"):
+                    if rec.get("final") and not keep_final:
                         rec = {k: v for k, v in rec.items() if k == "step" or k not in LOG_FIELDS}
                         if len(rec) == 1:
                             continue
@@ -293,7 +295,7 @@ class MetricsLog:
             try:
                 with np.load(self.bin_path, allow_pickle=False) as z:
                     data = {k: z[k] for k in z.files}
-                sel = (data["steps"] < step) | ((data["steps"] == step) & (step % log_every == 0))
+                sel = (data["steps"] < step) | ((data["steps"] == step) & (keep_final or step % log_every == 0))
                 self.bin_edges = data["bin_edges"]
                 for k in self.bins:
                     if k in data:

@@ -146,20 +146,28 @@ def save_persample(cfg: TrainConfig, formulation, nets: Dict[str, torch.nn.Modul
 
 def make_scorer(cfg: TrainConfig, d: DistInfo):
     """FIDEvaluator on rank 0 if importable and usable (a stand-in on the other ranks), or None;
-    the verdict is shared with every rank."""
-    scorer, ok = None, False
+    the verdict is shared with every rank. Built before the first step, so a wrong --fid-weights
+    file (not the published Inception weights) stops every rank there with one line."""
+    scorer, ok, error = None, False, None
     if d.main:
         try:
-            from ..evaluation.fid import FIDEvaluator
-            cache = None if os.environ.get("VARWEIGHT_CACHE") else os.path.join(cfg.data_root, "varweight_cache")
-            scorer = FIDEvaluator(cfg.dataset, weights_path=cfg.fid_weights or None, num_samples=cfg.fid_samples,
-                                  cache_dir=cache, datasets_root=cfg.data_root, download=cfg.download)
-            ok = scorer.available()
+            from ..evaluation.fid import FIDEvaluator, FIDWeightsError
         except ImportError as exc:
             warn(f"warning: FID disabled (evaluation module not importable: {exc})")
-        except Exception as exc:  # the evaluator should warn itself; never let FID kill training
-            warn(f"warning: FID disabled ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-    if not broadcast_object(ok, d):
+        else:
+            try:
+                cache = None if os.environ.get("VARWEIGHT_CACHE") else os.path.join(cfg.data_root, "varweight_cache")
+                scorer = FIDEvaluator(cfg.dataset, weights_path=cfg.fid_weights or None, num_samples=cfg.fid_samples,
+                                      cache_dir=cache, datasets_root=cfg.data_root, download=cfg.download)
+                ok = scorer.available()
+            except FIDWeightsError as exc:
+                error = str(exc)
+            except Exception as exc:  # the evaluator should warn itself; never let FID kill training
+                warn(f"warning: FID disabled ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+    ok, error = broadcast_object((ok, error), d)
+    if error is not None:
+        raise TrainError(f"--fid-weights: {error}")
+    if not ok:
         return None
     return scorer if d.main else _RemoteScorer()
 

@@ -20,7 +20,7 @@ import torch
 from . import checkpoint as ckpt
 from .builders import EMA
 from .config import RESUME_MUTABLE, TRAJECTORY_FIELDS, ConfigError, TrainConfig, TrainError, config_diff
-from .distributed import DistInfo, all_gather_objects
+from .distributed import DistInfo, all_gather_objects, broadcast_object
 from .rng import derive_seed, get_rng_states, set_rng_states
 from .run_dir import checkpoint_dir, new_accumulator, warn
 
@@ -60,11 +60,7 @@ def read_resume_point(cfg: TrainConfig, d: DistInfo) -> ResumePoint:
     """The latest good checkpoint of ``cfg.out`` (a bad newest one is quarantined), its layout
     version and config checked against ``cfg``; before any data is read, so the checkpoint, not
     an editable config.json, decides what is loaded."""
-    folder = checkpoint_dir(cfg.out)
-    if d.main:
-        ckpt.clean_temp_files(folder)  # a save killed half-way leaves one
-    d.barrier()
-    path, state = ckpt.load_latest_good(folder, warn=warn if d.main else (lambda m: None), quarantine=d.main)
+    path, state = _agreed_checkpoint(checkpoint_dir(cfg.out), d)
     if state.get("version") != STATE_VERSION:
         raise TrainError(f"checkpoint {path} holds training state version {state.get('version')!r}; "
                          f"this build resumes version {STATE_VERSION}")
@@ -77,6 +73,28 @@ def read_resume_point(cfg: TrainConfig, d: DistInfo) -> ResumePoint:
         raise TrainError(f"cannot resume from {path}: " + "; ".join(changes) + " would change the training "
                          "trajectory; pass --allow-trajectory-change to accept that (it is recorded in metrics.jsonl)")
     return ResumePoint(path, state, saved, changes)
+
+
+def _agreed_checkpoint(folder: str, d: DistInfo) -> Tuple[str, Dict[str, Any]]:
+    """Rank 0 picks the checkpoint (quarantining corrupt ones) and every rank loads that file, so
+    ranks never resume from different steps; a failure on any rank stops every rank with its message."""
+    path, state, error = None, None, None
+    if d.main:
+        ckpt.clean_temp_files(folder)  # a save killed half-way leaves one
+        try:
+            path, state = ckpt.load_latest_good(folder, warn=warn)
+        except ckpt.CheckpointError as exc:
+            error = str(exc)
+    path, error = broadcast_object((path, error), d)
+    if error is None and not d.main:
+        try:
+            state = ckpt.load_checkpoint(path)
+        except ckpt.CheckpointError as exc:
+            error = f"rank {d.rank}: {exc}"
+    errors = [e for e in all_gather_objects(error, d) if e is not None]
+    if errors:
+        raise ckpt.CheckpointError(errors[0])
+    return path, state
 
 
 @dataclass
