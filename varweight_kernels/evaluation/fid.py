@@ -28,13 +28,13 @@ from typing import Dict, Optional
 import torch
 from torch.utils.data import Dataset
 
+from ..training.registry import DATASETS
 from . import digits_classifier as dc
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 FID_REFERENCES = {"cifar10": "cifar10-train", "cifar100": "cifar100-train"}
-DATASETS = ("cifar10", "cifar100", "digits")
 
 
 class FIDUnavailable(RuntimeError):
