@@ -129,6 +129,8 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
     state = TrainState(raw_model, ema, optimizer, weighting, observer, noise_sampler, gens, batches)
 
     # -- fresh, or from the latest good checkpoint ------------------------------------------------
+    if resume_point is None and d.main and cfg.overwrite:
+        clear_run(out)  # before the log opens its files (tensorboard's events file among them)
     log = MetricsLog(out, enabled=d.main)
     if resume_point is not None:
         state.resume(resume_point, d, device, cfg.seed)
@@ -136,8 +138,6 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
         if resume_point.trajectory_changes:
             log.write({"step": state.step, "trajectory_change": resume_point.trajectory_changes})
         say(f"resumed from {resume_point.path} at step {state.step}", quiet)
-    elif d.main and cfg.overwrite:
-        clear_run(out)
     run_config = cfg.replace({"resume": False, "overwrite": False, "allow_trajectory_change": False}).to_dict()
     if d.main:
         write_run_config(out, run_config, state.step, cfg.steps)
