@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..training.registry import DATASETS
 from . import digits_classifier as dc
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -48,7 +49,6 @@ INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb91
 INCEPTION_FEATURES = "inception-v3-compat"
 INCEPTION_LAYER = "2048"
 FID_REFERENCES = {"cifar10": "cifar10-train", "cifar100": "cifar100-train"}
-DATASETS = ("cifar10", "cifar100", "digits")
 
 
 class FIDUnavailable(RuntimeError):

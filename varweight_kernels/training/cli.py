@@ -4,6 +4,8 @@ and/or ``export_run``.
 ``--print-config`` prints the fully resolved config (defaults, preset, saved run, flags) as
 JSON and exits, so what a preset means can be read without starting a run.
 
+Every flag is checked before the run folder is touched: ``TrainConfig.validate`` (types, choices,
+ranges, fields that must agree) and ``check_machine`` (the device and the VAW backend exist here).
 Every user-facing failure (``TrainError``, ``ConfigError``, ``CheckpointError``, ``WriteError``) is one line on
 stderr and a non-zero exit status; never a traceback.
 """
@@ -13,11 +15,13 @@ import json
 import sys
 from typing import List, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
+from ..backends import backend_reason
 from .checkpoint import CheckpointError, WriteError
 from .config import ConfigError, TrainConfig, TrainError, build_parser, explicit_flags, resolve_config
-from .distributed import DistInfo
+from .distributed import DistInfo, resolve_device
 from .export import export_run
 from .loop import Callbacks, train
 from .run_dir import run_folder_lock
@@ -26,7 +30,7 @@ from .sampling import sample_only
 from .signals import SecondInterrupt
 from .state import saved_config
 
-__all__ = ["parse_config", "main"]
+__all__ = ["parse_config", "check_machine", "main"]
 
 
 def parse_config(argv: Optional[List[str]] = None, prog: str = "train_cifar.py") -> TrainConfig:
@@ -51,18 +55,34 @@ def _parse(argv: Optional[List[str]], prog: str) -> Tuple[TrainConfig, bool]:
     return resolve_config(flags, base), args.print_config
 
 
+def check_machine(cfg: TrainConfig, d: DistInfo) -> None:
+    """What ``validate`` cannot know: that ``--device`` exists on this machine and that an explicit
+    ``--backend`` runs on it. Raises a one-line ``ConfigError`` or ``TrainError``."""
+    asked = torch.device(cfg.device) if cfg.device != "auto" else None  # validate() checked the form
+    if asked is not None and asked.type == "cuda" and asked.index is not None and torch.cuda.is_available() \
+            and asked.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    device = resolve_device(cfg, d)
+    if cfg.backend != "auto":
+        reason = backend_reason(cfg.backend, device)
+        if reason is not None:
+            raise ConfigError(f"--backend {cfg.backend} cannot run on {device}: {reason}")
+
+
 def main(argv: Optional[List[str]] = None, callbacks: Optional[Callbacks] = None) -> int:
     """Run the CLI on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     d = DistInfo()
     try:
         cfg, print_config = _parse(argv, "train_cifar.py")
+        cfg = cfg.validate()
         if print_config:
             if d.main:
-                print(json.dumps(cfg.validate().to_dict(), indent=2))
+                print(json.dumps(cfg.to_dict(), indent=2))
             return 0
         if cfg.sample_only:
             sample_only(cfg)  # holds the run's lock while it writes
         if not (cfg.sample_only or cfg.export):
+            check_machine(cfg, d)
             train(cfg, callbacks)
         elif d.main:
             with run_folder_lock(cfg.out):  # no trainer may write the run meanwhile

@@ -22,6 +22,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .registry import DATASETS
+
 __all__ = ["DatasetUnavailable", "DATASETS", "load_dataset", "to_model_range", "from_model_range",
            "BatchIterator"]
 
@@ -31,7 +33,6 @@ class DatasetUnavailable(RuntimeError):
 
 
 _CIFAR = {"cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100)}
-DATASETS = ("cifar10", "cifar100", "digits")
 
 
 def _md5(path: str) -> str:

@@ -47,10 +47,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .registry import IS_STATISTICS as STATISTICS
+from .registry import NOISE_SAMPLINGS as NOISE_SAMPLERS
+
 __all__ = ["make_noise_sampler", "DefaultNoiseSampler", "VAWImportanceSampler", "NOISE_SAMPLERS"]
 
-NOISE_SAMPLERS = ("default", "vaw-is")
-STATISTICS = ("rms", "mean", "std")
 _SUBGRID = 64  # quadrature points per bin for the base mass of continuous formulations
 
 

@@ -208,7 +208,7 @@ class Evaluation:
         """Run on every rank (they share the FID samples); scores go into ``record``."""
         cfg = self.cfg
         if cfg.sample_every and step % cfg.sample_every == 0 and self.d.main:
-            self.save_grid(step, net)
+            self.write_step_grid(step, net)
         if self.scorer is not None and self.score_due(step):
             imgs = generate_distributed(cfg, self.formulation, net, cfg.fid_samples, self.shape, self.device, self.d,
                                         self.autocast)
@@ -218,7 +218,8 @@ class Evaluation:
                 if scores:
                     record.update({k: float(v) for k, v in scores.items()})
 
-    def save_grid(self, step: int, net: torch.nn.Module) -> None:
+    def write_step_grid(self, step: int, net: torch.nn.Module) -> None:
+        """samples_stepXXXXXXXX.png: a grid from the "sample" stream, the same noise at every step."""
         cfg = self.cfg
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", 0))
         grid = generate(cfg, self.formulation, net, cfg.grid_size, self.shape, self.device, g, autocast=self.autocast)
@@ -227,7 +228,7 @@ class Evaluation:
     def finish(self, step: int, net: torch.nn.Module, images: torch.Tensor, raw_net: torch.nn.Module,
                weighting) -> None:
         """Rank 0, after the last step: the final grid (EMA) and persample.npz (EMA and raw)."""
-        self.save_grid(step, net)
+        self.write_step_grid(step, net)
         if self.cfg.analysis_batches:
             save_persample(self.cfg, self.formulation, {"ema": net, "raw": raw_net}, weighting, images, self.device,
                            self.autocast, os.path.join(self.cfg.out, "persample.npz"))
