@@ -6,7 +6,8 @@ as a PyTorch module with reference, Triton, C++ and CUDA backends.
 from .backends import available_backends
 from .config import VAWConfig
 from .module import VarianceAwareWeighting
+from .monitor import LogSNRMonitor
 from .ops import VAWFunction, vaw
 
-__all__ = ["VarianceAwareWeighting", "VAWConfig", "VAWFunction", "available_backends", "vaw"]
+__all__ = ["VarianceAwareWeighting", "LogSNRMonitor", "VAWConfig", "VAWFunction", "available_backends", "vaw"]
 __version__ = "0.1.0"
