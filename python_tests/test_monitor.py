@@ -258,3 +258,25 @@ def test_trainer_observes_each_sample_once(tmp_path, monkeypatch, weighting):
                    if isinstance(v, torch.Tensor))
     else:
         assert len(steps) == 3 and "vaw.M" not in state["weighting"]
+
+
+# -- the trainer's SummaryWriter -----------------------------------------------------------------
+def test_a_writer_that_cannot_be_created_is_one_line_on_stderr(tmp_path, monkeypatch, capsys):
+    tensorboard = pytest.importorskip("torch.utils.tensorboard", reason="tensorboard is in the [train] extra")
+    from varweight_kernels.training.run_dir import MetricsLog
+
+    def failing(log_dir):
+        raise PermissionError(13, "Permission denied", log_dir)
+
+    monkeypatch.setattr(tensorboard, "SummaryWriter", failing)
+    log = MetricsLog(str(tmp_path), enabled=True)
+    err = capsys.readouterr().err.strip()
+    assert log.tb is None and len(err.splitlines()) == 1
+    assert err.startswith("warning: no TensorBoard logs: cannot create the writer in ")
+    assert "Permission denied" in err and "Traceback" not in err
+
+    monkeypatch.setitem(__import__("sys").modules, "torch.utils.tensorboard", None)  # not installed
+    assert MetricsLog(str(tmp_path), enabled=True).tb is None
+    assert capsys.readouterr().err.strip() == ("warning: no TensorBoard logs: the tensorboard package is not "
+                                               "installed (it comes with pip install 'varweight[train]')")
+    assert MetricsLog(str(tmp_path), enabled=False).tb is None and capsys.readouterr().err == ""

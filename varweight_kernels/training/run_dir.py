@@ -252,11 +252,7 @@ class MetricsLog:
         self.bin_edges: Optional[np.ndarray] = None
         self.tb = None
         if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-                self.tb = SummaryWriter(log_dir=os.path.join(out, "tensorboard"))
-            except Exception:
-                self.tb = None
+            self.tb = _summary_writer(os.path.join(out, "tensorboard"))
 
     def truncate_to(self, step: int, log_every: int) -> None:
         """On resume from ``step``: drop what was logged after it, and the "final" partial-interval
@@ -330,6 +326,23 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _summary_writer(log_dir: str):
+    """TensorBoard's writer for ``log_dir``, or None after one line on stderr saying why there is none
+    (the run goes on without TensorBoard logs)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warn("warning: no TensorBoard logs: the tensorboard package is not installed "
+             "(it comes with pip install 'varweight[train]')")
+        return None
+    try:
+        return SummaryWriter(log_dir=log_dir)
+    except Exception as exc:  # whatever TensorBoard raises, the run must not stop for its logs
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        warn(f"warning: no TensorBoard logs: cannot create the writer in {log_dir}: {reason}")
+        return None
 
 
 def new_accumulator() -> Dict[str, Any]:
