@@ -163,7 +163,8 @@ def from_schedule(schedule, timesteps=None) -> torch.Tensor:
         if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
             raise TypeError(f"timesteps must be integer indices into the schedule's {table.numel()} steps, "
                             f"got {t.dtype}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= table.numel()):
+        # checked on the CPU only: on a GPU it would cost a sync every step (indexing fails loudly there)
+        if t.is_cpu and t.numel() and (int(t.min()) < 0 or int(t.max()) >= table.numel()):
             raise ValueError(f"timesteps must lie in [0, {table.numel() - 1}], got values in "
                              f"[{int(t.min())}, {int(t.max())}]")
         return from_alphas_cumprod(table, t)
