@@ -280,3 +280,22 @@ def test_a_writer_that_cannot_be_created_is_one_line_on_stderr(tmp_path, monkeyp
     assert capsys.readouterr().err.strip() == ("warning: no TensorBoard logs: the tensorboard package is not "
                                                "installed (it comes with pip install 'varweight[train]')")
     assert MetricsLog(str(tmp_path), enabled=False).tb is None and capsys.readouterr().err == ""
+
+
+def test_a_failing_tensorboard_write_stops_tensorboard_not_the_run(tmp_path, capsys):
+    from varweight_kernels.training.run_dir import MetricsLog
+
+    class Broken:
+        def add_scalar(self, *args):
+            raise FileNotFoundError(2, "No such file or directory", "tensorboard/events.out.tfevents.1")
+
+    log = MetricsLog(str(tmp_path), enabled=True)
+    capsys.readouterr()
+    log.tb = Broken()
+    log.write({"step": 1, "loss": 0.5})
+    log.write({"step": 2, "loss": 0.4})
+    err = capsys.readouterr().err.strip()
+    assert err == "warning: TensorBoard logging stopped: [Errno 2] No such file or directory: " \
+                  "'tensorboard/events.out.tfevents.1'"
+    assert log.tb is None and len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    log.close()

@@ -131,6 +131,8 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
     state = TrainState(raw_model, ema, optimizer, weighting, observer, noise_sampler, gens, batches)
 
     # -- fresh, or from the latest good checkpoint ------------------------------------------------
+    if resume_point is None and d.main and cfg.overwrite:
+        clear_run(out)  # before the log opens its TensorBoard file, which clearing would delete
     log = MetricsLog(out, enabled=d.main)
     if resume_point is not None:
         state.resume(resume_point, d, device, cfg.seed)
@@ -138,8 +140,6 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
         if resume_point.trajectory_changes:
             log.write({"step": state.step, "trajectory_change": resume_point.trajectory_changes})
         say(f"resumed from {resume_point.path} at step {state.step}", quiet)
-    elif d.main and cfg.overwrite:
-        clear_run(out)
     run_config = cfg.replace({"resume": False, "overwrite": False, "allow_trajectory_change": False}).to_dict()
     if d.main:
         write_run_config(out, run_config, state.step, cfg.steps)
@@ -233,8 +233,7 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
                 else:
                     record["final"] = True
                 log.add_bins(step, observer.stats(), bin_weights)
-                if log.tb is not None:
-                    observer.log_tensorboard(log.tb, step)
+                log.tensorboard(lambda writer: observer.log_tensorboard(writer, step))
             if evaluation.due(step):
                 record = record or {"step": step}
                 evaluation(step, ema.module, record)
