@@ -161,6 +161,81 @@ def test_every_ddpm_scheduler_timestep_falls_in_the_suggested_range(schedule):
     assert torch.equal(lam, logsnr.from_alphas_cumprod(scheduler.alphas_cumprod))
     lo, hi = logsnr.suggest_logsnr_range(lam)
     finite = lam[torch.isfinite(lam)]
-    assert ((finite >= lo) & (finite <= hi)).all()
     assert len(finite) == 1000 - bool(schedule.get("rescale_betas_zero_snr"))  # zero terminal SNR: -inf
+    if schedule.get("beta_schedule") == "squaredcos_cap_v2":  # beta clipped at 0.999: t = T stands alone
+        assert lam[-1] < lo and lam[-2] >= lo and (lo, hi) == (-13.0, 11.0)
+        finite = finite[:-1]  # it falls in the edge bin, as any lam below the range does
+    assert ((finite >= lo) & (finite <= hi)).all()
     assert (lam[:-1] > lam[1:]).all(), "lam falls with the timestep"
+
+
+# -- schedules with a clipped last timestep, and schedule objects ------------------------------------
+def lucidrains_alphas_cumprod(schedule: str, timesteps: int = 1000) -> torch.Tensor:
+    """denoising-diffusion-pytorch's tables from their published formulas (its GaussianDiffusion
+    clips every beta to 0.999 and keeps the float64 cumulative product as a float32 buffer)."""
+    t = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64) / timesteps
+    if schedule == "cosine":  # Nichol & Dhariwal, s = 0.008
+        abar = torch.cos((t + 0.008) / 1.008 * math.pi * 0.5) ** 2
+    else:  # sigmoid (Jabri et al. 2022): start -3, end 3, tau 1
+        v_start, v_end = torch.tensor(-3.0).sigmoid(), torch.tensor(3.0).sigmoid()
+        abar = (-(t * 6 - 3).sigmoid() + v_end) / (v_end - v_start)
+    abar = abar / abar[0]
+    betas = torch.clip(1 - abar[1:] / abar[:-1], 0, 0.999)
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+@pytest.mark.parametrize("schedule, before, last, expected", [
+    ("sigmoid", -8.1, -15.0, (-9.0, 9.0)), ("cosine", -12.9, -19.8, (-13.0, 11.0))])
+def test_a_clipped_last_timestep_does_not_take_the_bins(schedule, before, last, expected):
+    lam = logsnr.from_alphas_cumprod(lucidrains_alphas_cumprod(schedule))
+    assert round(lam[-2].item(), 1) == before and round(lam[-1].item(), 1) == last
+    lo, hi = logsnr.suggest_logsnr_range(lam)
+    assert (lo, hi) == expected
+    assert ((lam[:-1] >= lo) & (lam[:-1] <= hi)).all()
+    assert logsnr.suggest_logsnr_range(lam, keep_isolated=True) == (math.floor(lam[-1].item()), expected[1])
+    assert logsnr.suggest_logsnr_range(lam.flip(0)) == expected  # either order of the table
+
+
+def test_samples_and_smooth_tables_keep_their_extremes():
+    g = torch.Generator().manual_seed(0)
+    for n in (8, 100, 10_000):
+        sample = 3 * torch.randn(n, generator=g, dtype=torch.float64)
+        sample[0] = sample.max() + 20  # far out, but a sample (not monotone): kept
+        assert logsnr.suggest_logsnr_range(sample)[1] == math.ceil(sample.max().item())
+    linear = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    lam = logsnr.from_alphas_cumprod(linear)
+    assert logsnr.suggest_logsnr_range(lam) == (-11.0, 10.0) == logsnr.suggest_logsnr_range(lam, keep_isolated=True)
+
+
+def test_from_schedule_reads_diffusers_and_lucidrains_objects():
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is in the [test] extra, which CI installs")
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    t = torch.tensor([0, 500, 999])
+    assert torch.equal(logsnr.from_schedule(scheduler, t), logsnr.from_alphas_cumprod(scheduler.alphas_cumprod)[t])
+    assert torch.equal(logsnr.from_schedule(scheduler), logsnr.from_alphas_cumprod(scheduler))
+
+    class GaussianDiffusion(torch.nn.Module):  # lucidrains keeps the table as a float32 buffer
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Identity()
+            self.register_buffer("alphas_cumprod", lucidrains_alphas_cumprod("sigmoid"))
+
+    diffusion = GaussianDiffusion()
+    table = logsnr.from_alphas_cumprod(diffusion.alphas_cumprod)
+    assert torch.equal(logsnr.from_schedule(diffusion, t), table[t])
+    wrapped = SimpleNamespace(model=SimpleNamespace(module=diffusion))  # a Trainer around DDP
+    assert torch.equal(logsnr.from_schedule(wrapped, t), table[t])
+    continuous = SimpleNamespace(log_snr=lambda times: -torch.log(torch.expm1(1e-4 + 10 * times ** 2)))
+    times = torch.tensor([0.1, 0.5])
+    assert torch.equal(logsnr.from_schedule(continuous, times), continuous.log_snr(times))
+
+
+@pytest.mark.parametrize("schedule, timesteps, error, match", [
+    (SimpleNamespace(alphas_cumprod=torch.full((10,), 0.5)), torch.tensor([0.5]), TypeError, "integer indices"),
+    (SimpleNamespace(alphas_cumprod=torch.full((10,), 0.5)), torch.tensor([10]), ValueError, r"lie in \[0, 9\]"),
+    (SimpleNamespace(log_snr=lambda t: t), None, ValueError, "continuous in time"),
+    (SimpleNamespace(sigma_data=0.5), torch.tensor([1]), TypeError, "no alphas_cumprod table"),
+])
+def test_from_schedule_refuses_what_it_cannot_read(schedule, timesteps, error, match):
+    with pytest.raises(error, match=match):
+        logsnr.from_schedule(schedule, timesteps)

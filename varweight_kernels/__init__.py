@@ -7,7 +7,9 @@ from . import logsnr, weightings
 from .backends import available_backends
 from .config import VAWConfig
 from .module import VarianceAwareWeighting
+from .monitor import LogSNRMonitor
 from .ops import VAWFunction, vaw
 
-__all__ = ["VarianceAwareWeighting", "VAWConfig", "VAWFunction", "available_backends", "vaw", "logsnr", "weightings"]
+__all__ = ["VarianceAwareWeighting", "LogSNRMonitor", "VAWConfig", "VAWFunction", "available_backends", "vaw", "logsnr",
+           "weightings"]
 __version__ = "0.1.0"

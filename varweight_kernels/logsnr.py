@@ -132,7 +132,69 @@ def from_vp_linear(t: ArrayLike, beta_min: float = 0.1, beta_max: float = 20.0) 
     return _nan_outside_unit_interval(t, -g - torch.log(-torch.expm1(-g)))
 
 
-def suggest_logsnr_range(lam: torch.Tensor, coverage: float = 1.0) -> Tuple[float, float]:
+_WRAPPERS = ("module", "_orig_mod", "model")  # DDP / accelerate, torch.compile, lucidrains' Trainer
+
+
+def from_schedule(schedule, timesteps=None) -> torch.Tensor:
+    """lam of the noise levels of a diffusers scheduler or a lucidrains diffusion object.
+
+    ``schedule`` is anything holding the table ``alphas_cumprod``: a diffusers ``DDPMScheduler``,
+    ``DDIMScheduler``, ... or a lucidrains ``GaussianDiffusion`` (a buffer there, on the model's
+    device), also wrapped in DDP / ``accelerate.prepare`` / ``torch.compile`` or a lucidrains
+    ``Trainer``; ``timesteps`` are then integer indices into it (the ``t`` the loop drew) and the
+    result is ``from_alphas_cumprod(table, timesteps)``, on the timesteps' device. A lucidrains
+    ``ContinuousTimeGaussianDiffusion`` has no table but a ``log_snr(times)`` function of float
+    times in [0, 1], whose values are already this lam. ``timesteps=None`` returns the whole
+    table (discrete schedules only), e.g. for ``suggest_logsnr_range``. Schedules on sigma (EDM,
+    lucidrains' ``ElucidatedDiffusion``) or flow time have no table: use ``from_sigma`` or
+    ``from_flow_t``.
+    """
+    obj = schedule
+    for _ in range(4):
+        if hasattr(obj, "alphas_cumprod") or callable(getattr(obj, "log_snr", None)):
+            break
+        obj = next((getattr(obj, name) for name in _WRAPPERS if hasattr(obj, name)), obj)
+    table = getattr(obj, "alphas_cumprod", None)
+    if table is not None:
+        table = _as_float_tensor(table)
+        if timesteps is None:
+            return from_alphas_cumprod(table)
+        t = torch.as_tensor(timesteps)
+        if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"timesteps must be integer indices into the schedule's {table.numel()} steps, "
+                            f"got {t.dtype}")
+        # checked on the CPU only: on a GPU it would cost a sync every step (indexing fails loudly there)
+        if t.is_cpu and t.numel() and (int(t.min()) < 0 or int(t.max()) >= table.numel()):
+            raise ValueError(f"timesteps must lie in [0, {table.numel() - 1}], got values in "
+                             f"[{int(t.min())}, {int(t.max())}]")
+        return from_alphas_cumprod(table, t)
+    if callable(getattr(obj, "log_snr", None)):
+        if timesteps is None:
+            raise ValueError(f"{type(obj).__name__} is continuous in time: pass the float times in [0, 1] it drew")
+        with torch.no_grad():
+            return obj.log_snr(_as_float_tensor(timesteps)).detach()
+    raise TypeError(f"{type(schedule).__name__} holds no alphas_cumprod table and no log_snr function; for "
+                    "sigma (EDM) use logsnr.from_sigma, for flow matching logsnr.from_flow_t")
+
+
+def _drop_isolated_ends(table: torch.Tensor) -> torch.Tensor:
+    """A schedule's table (lam monotone in t) without an end point set apart from the rest: its
+    gap to the next value is over 3 times the next gap and a tenth of the rest's span. That is a
+    clipped last timestep (beta clipped at 0.999: lucidrains' cosine puts t = T at lam -19.8,
+    6.9 below t = T - 1, whose own gap is 1.4); a smooth table's end gaps grow by under 2x.
+    Anything not monotone (a sample of noise levels) is returned as it is."""
+    steps = table.diff()
+    if table.numel() < 4 or not (bool((steps >= 0).all()) or bool((steps <= 0).all())):
+        return table
+    values = table.sort().values
+    gaps = values.diff()
+    lo = int(gaps[0] > 3 * gaps[1] and gaps[0] > 0.1 * (values[-1] - values[1]))
+    hi = values.numel() - int(gaps[-1] > 3 * gaps[-2] and gaps[-1] > 0.1 * (values[-2] - values[lo]))
+    return values[lo:hi]
+
+
+def suggest_logsnr_range(lam: torch.Tensor, coverage: float = 1.0,
+                         keep_isolated: bool = False) -> Tuple[float, float]:
     """A ``logsnr_range`` for ``VarianceAwareWeighting`` that covers the lam values of a schedule.
 
     ``lam`` holds the values the schedule produces: the whole table of a discrete schedule
@@ -143,6 +205,12 @@ def suggest_logsnr_range(lam: torch.Tensor, coverage: float = 1.0) -> Tuple[floa
     ``(1 - coverage) / 2`` and ``(1 + coverage) / 2`` quantiles instead of the extremes: for
     unbounded distributions (log-normal sigma, logit-normal t) whose rare tails would otherwise
     stretch the range over bins that almost never see a sample; the tails then share the edge bins.
+
+    In a schedule's table (lam monotone in t), an end value set far apart from the rest is left
+    out too (unless ``keep_isolated``): a schedule that clips its last beta (lucidrains' sigmoid
+    and cosine, diffusers' ``squaredcos_cap_v2``) puts t = T alone at lam -15.0 or -19.8, 6.9
+    below t = T - 1, which would spend a fifth of the bins on one timestep; left out, it shares
+    the edge bin. Samples (not monotone) keep their extremes.
     """
     if not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must lie in (0, 1], got {coverage!r}")
@@ -154,6 +222,7 @@ def suggest_logsnr_range(lam: torch.Tensor, coverage: float = 1.0) -> Tuple[floa
         tail = (1.0 - coverage) / 2.0
         lo, hi = torch.quantile(finite, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
     else:
-        lo, hi = finite.min().item(), finite.max().item()
+        kept = finite if keep_isolated else _drop_isolated_ends(finite)
+        lo, hi = kept.min().item(), kept.max().item()
     lo, hi = float(math.floor(lo)), float(math.ceil(hi))
     return (lo, hi if hi > lo else lo + 1.0)

@@ -8,7 +8,8 @@
                vaw-is: importance sampled, with per-sample importance weights)
     noise   <- N(0, I) on the "noise" stream
     terms   <- formulation.loss(model, x0, level, noise)      per-sample (B,) loss / mse / snr
-    observer(terms.loss.detach(), lam)                        UNweighted per-bin statistics
+    observer(terms.loss.detach(), lam)                        UNweighted per-bin statistics (a VAW
+                                                              weighting's own: read, not recomputed)
     loss    <- weighting.objective(terms, lam, is_weight)     the chosen weighting's objective
     backward; all-reduce (DDP); clip; skip if non-finite; AdamW; EMA
 
@@ -37,7 +38,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .. import VarianceAwareWeighting
+from .. import LogSNRMonitor, VarianceAwareWeighting
 from .builders import (EMA, autocast_context, build_batches, build_model, build_noise_sampler, build_optimizer,
                        build_weighting, load_data)
 from .config import TrainConfig, TrainError
@@ -65,7 +66,8 @@ class Callbacks:
         return terms
 
     def on_end(self, objects: Dict[str, Any]) -> None:
-        """After the last step: ``model``, ``ema``, ``weighting``, ``observer``, ``noise_sampler``, ``step``."""
+        """After the last step: ``model``, ``ema``, ``weighting``, ``observer`` (the VAW holding the observed
+        statistics), ``monitor`` (the ``LogSNRMonitor`` over it), ``noise_sampler``, ``step``."""
 
 
 def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, Any]:
@@ -116,7 +118,7 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
     torch.manual_seed(derive_seed(cfg.seed, "dropout", d.rank))  # global RNG: dropout only
     ema = EMA(raw_model, cfg.ema_decay)
     weighting = build_weighting(cfg, formulation, gens["weighting"]).to(device)
-    observer = VarianceAwareWeighting(prior=None, **cfg.vaw_kwargs()).to(device)  # observe role: output ignored
+    observer = build_observer(cfg, weighting).to(device)
     noise_sampler = build_noise_sampler(cfg, formulation)
     importance_sampled = cfg.noise_sampling != "default"
     batches = build_batches(cfg, images.to(device), local_bs, gens["data"])
@@ -172,7 +174,8 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
             with autocast():
                 terms = formulation.loss(model, x0, level, noise)
             terms = callbacks.on_terms(step, terms)
-            observer(terms.loss.detach().float(), lam)
+            if observer.updates:
+                observer(terms.loss.detach().float(), lam)
             loss = weighting.objective(terms, lam, is_weight if importance_sampled else None)
 
             # backward (always: DDP's all-reduce is collective), then skip if non-finite
@@ -195,7 +198,7 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
                 state.skipped += 1
                 state.consecutive += 1
             optimizer.zero_grad(set_to_none=True)
-            noise_sampler.update_from_vaw(observer)  # vaw-is adapts to the observed statistics
+            noise_sampler.update_from_vaw(observer.vaw)  # vaw-is adapts to the observed statistics
             state.step += 1
             step = state.step
 
@@ -218,7 +221,7 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
                 interval.flush()
                 record = interval_record(step, state.log_accum, lr=lr, batch_size=cfg.batch_size,
                                          interval_s=now - t_last, elapsed_s=now - t_start, skipped_steps=state.skipped,
-                                         nonfinite_samples=int(observer.nonfinite), epoch=batches.epoch)
+                                         nonfinite_samples=int(observer.vaw.nonfinite), epoch=batches.epoch)
                 bin_weights = weighting.bin_weights()
                 if bin_weights is not None:
                     record.update(vaw_weight_min=float(bin_weights.min()), vaw_weight_max=float(bin_weights.max()))
@@ -230,6 +233,7 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
                 else:
                     record["final"] = True
                 log.add_bins(step, observer.stats(), bin_weights)
+                log.tensorboard(lambda writer: observer.log_tensorboard(writer, step))
             if evaluation.due(step):
                 record = record or {"step": step}
                 evaluation(step, ema.module, record)
@@ -260,11 +264,29 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
         mark_done(out, state.step)
         write_run_index(out)
     log.close()
-    callbacks.on_end({"model": raw_model, "ema": ema.module, "weighting": weighting, "observer": observer,
+    callbacks.on_end({"model": raw_model, "ema": ema.module, "weighting": weighting, "observer": observer.vaw,
+                      "monitor": observer,
                       "noise_sampler": noise_sampler, "step": state.step})
     d.barrier()
     say(f"done: {state.step} steps, {state.skipped} skipped; run folder {out}", quiet)
     return {"status": "done", "step": state.step, "checkpoint": last_ckpt, "skipped_steps": state.skipped}
+
+
+def build_observer(cfg: TrainConfig, weighting: torch.nn.Module) -> LogSNRMonitor:
+    """The always-on monitor of the UNweighted loss (binstats.npz, TensorBoard, vaw-is).
+
+    A VAW weighting with a fixed power steps on the same loss, lam and config, so its statistics
+    are the observer's bit for bit: the monitor reads them instead of computing them again (and,
+    under DDP, all-reducing them again). Any other weighting gets a VAW of the run's settings in
+    observe role, whose table is what VAW would weight with (vaw-is reads it; annealing
+    changes the weighting's power, not this table).
+    """
+    vaw = getattr(weighting, "vaw", None)
+    own = VarianceAwareWeighting(**cfg.vaw_kwargs())
+    if isinstance(vaw, VarianceAwareWeighting) and not getattr(weighting, "anneal_steps", 0) \
+            and vaw.config == own.config and vaw.sync == own.sync:
+        return LogSNRMonitor.of(vaw)
+    return LogSNRMonitor.of(own, update=True)
 
 
 class IntervalSums:

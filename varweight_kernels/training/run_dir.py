@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -259,11 +259,7 @@ class MetricsLog:
         self.bin_edges: Optional[np.ndarray] = None
         self.tb = None
         if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-                self.tb = SummaryWriter(log_dir=os.path.join(out, "tensorboard"))
-            except Exception:
-                self.tb = None
+            self.tb = _summary_writer(os.path.join(out, "tensorboard"))
 
     def truncate_to(self, step: int, log_every: int, keep_final: bool = False) -> None:
         """On resume from ``step``: drop what was logged after it, and the "final" partial-interval
@@ -313,10 +309,23 @@ class MetricsLog:
                 fh.write(line)
         except OSError as exc:
             raise ckpt.WriteError(self.path, ckpt.write_reason(exc)) from None
-        if self.tb is not None:
+        def scalars(writer) -> None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+                    writer.add_scalar(k, v, record["step"])
+
+        self.tensorboard(scalars)
+
+    def tensorboard(self, log: Callable[[Any], Any]) -> None:
+        """``log(writer)`` when there is a TensorBoard writer. A failure (a deleted folder, a full
+        disk) stops TensorBoard logging with one line on stderr; the run and its other logs go on."""
+        if self.tb is None:
+            return
+        try:
+            log(self.tb)
+        except Exception as exc:  # whatever TensorBoard raises, the run must not stop for its logs
+            self.tb = None
+            warn(f"warning: TensorBoard logging stopped: {_first_line(exc)}")
 
     def add_bins(self, step: int, stats: Dict[str, torch.Tensor], weight: Optional[torch.Tensor]) -> None:
         if not self.enabled:
@@ -337,8 +346,28 @@ class MetricsLog:
         ckpt.atomic_write_bytes(self.bin_path, buf.getbuffer())
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        self.tensorboard(lambda writer: writer.close())
+
+
+def _summary_writer(log_dir: str):
+    """TensorBoard's writer for ``log_dir``, or None after one line on stderr saying why there is none
+    (the run goes on without TensorBoard logs)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        warn("warning: no TensorBoard logs: the tensorboard package is not installed "
+             "(it comes with pip install 'varweight[train]')")
+        return None
+    try:
+        return SummaryWriter(log_dir=log_dir)
+    except Exception as exc:  # whatever TensorBoard raises, the run must not stop for its logs
+        warn(f"warning: no TensorBoard logs: cannot create the writer in {log_dir}: {_first_line(exc)}")
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text.strip() else type(exc).__name__
 
 
 def new_accumulator() -> Dict[str, Any]:

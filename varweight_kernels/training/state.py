@@ -127,7 +127,7 @@ class TrainState:
             state = {"version": STATE_VERSION, "step": self.step, "config": run_config,
                      "model": self.model.state_dict(), "ema": self.ema.module.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "weighting": self.weighting.state_dict(),
-                     "observer": self.observer.state_dict(), "noise_sampler": self.noise_sampler.state_dict(),
+                     "observer": self.observer.vaw.state_dict(), "noise_sampler": self.noise_sampler.state_dict(),
                      "ranks": ranks, "world_size": d.world, "image_shape": list(image_shape),
                      "log_accum": dict(self.log_accum),
                      "counters": {"skipped_steps": self.skipped, "consecutive_nonfinite": self.consecutive}}
@@ -148,7 +148,8 @@ class TrainState:
         self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.weighting.load_state_dict(state["weighting"])
-        self.observer.load_state_dict(state["observer"])
+        if self.observer.updates:  # else it reads the weighting's VAW, loaded above from the same statistics
+            self.observer.vaw.load_state_dict(state["observer"])
         self.noise_sampler.load_state_dict(state["noise_sampler"])
         ranks: List[Dict[str, Any]] = state["ranks"]
         if len(ranks) == d.world:
