@@ -488,7 +488,7 @@ def test_an_installed_build_is_found_when_a_source_checkout_shadows_it(tmp_path,
     class Dist:
         files = [Entry("varweight_kernels/__init__.py"), Entry("varweight_kernels/_C.cpython-311-x86_64-linux-gnu.so")]
 
-    monkeypatch.setattr(importlib.metadata, "distribution", lambda name: Dist() if name == "varweight" else None)
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda name=None: [Dist()] if name == "varweight" else [])
     monkeypatch.setattr(_ext.importlib.util, "find_spec", lambda name: None)
     assert _ext.find_library(_ext.CPU_MODULE) == str(library)
     assert _ext.find_library(_ext.CUDA_MODULE) is None

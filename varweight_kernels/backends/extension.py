@@ -122,18 +122,19 @@ def find_library(module: str) -> Optional[str]:
 
 
 def installed_library(module: str) -> Optional[str]:
-    """The file of ``module`` recorded by the installed ``varweight`` distribution, if any."""
-    try:
-        files = importlib.metadata.distribution(DISTRIBUTION).files or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    """The file of ``module`` recorded by an installed ``varweight`` distribution, if any.
+
+    Every distribution of that name on ``sys.path`` is searched, in path order: the first one
+    found is often the source tree's own ``varweight.egg-info`` (left by ``pip install .`` and
+    first on the path when running from the repository root), whose file list holds no build."""
     stem = module.replace(".", "/") + "."
-    for entry in files:
-        name = str(entry)
-        if name.startswith(stem) and name.endswith((".so", ".pyd")):
-            path = str(entry.locate())
-            if os.path.isfile(path):
-                return path
+    for dist in importlib.metadata.distributions(name=DISTRIBUTION):
+        for entry in dist.files or []:
+            name = str(entry)
+            if name.startswith(stem) and name.endswith((".so", ".pyd")):
+                path = str(entry.locate())
+                if os.path.isfile(path):
+                    return path
     return None
 
 

@@ -20,6 +20,7 @@ Run ``python -m varweight_kernels.evaluation.digits_classifier [--cache-dir DIR]
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -28,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..training.checkpoint import atomic_write_bytes
 
 CLASSIFIER_VERSION = 1
 WEIGHTS_FILENAME = f"digits_classifier_v{CLASSIFIER_VERSION}.pt"
@@ -134,9 +137,9 @@ def save_classifier(model: DigitsNet, test_acc: float, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"version": CLASSIFIER_VERSION, "test_acc": float(test_acc),
             "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    atomic_write_bytes(str(path), buf.getbuffer())  # a fresh unguessable temp file, never through a link
 
 
 def load_classifier(path: Path) -> Tuple[DigitsNet, float]:

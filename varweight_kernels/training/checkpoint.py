@@ -27,20 +27,26 @@ import os
 import pickle
 import re
 import secrets
+import stat
+import zipfile
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 __all__ = ["CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint",
            "list_checkpoints", "checkpoint_path", "load_latest_good", "prune_checkpoints", "CheckpointUnreadable",
-           "clean_temp_files", "check_plain", "atomic_write_bytes", "WriteError", "write_reason", "SAVE_SLEEP_ENV"]
+           "clean_temp_files", "check_plain", "atomic_write_bytes", "WriteError", "write_reason", "SAVE_SLEEP_ENV",
+           "CKPT_RE", "temp_target", "fsync_dir", "NotRegularFile", "file_kind", "open_regular", "read_regular",
+           "has_header"]
 
 FORMAT_NAME = "varweight-checkpoint"
 FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^ckpt_(\d{8,})\.pt$")
+CKPT_RE = _CKPT_RE  # a checkpoint's exact name
 TEMP_PREFIX = ".tmp-"
+_TEMP_RE = re.compile(r"^\.tmp-(.+)\.\d+\.[0-9a-f]{8}$")  # what atomic_write_bytes names its temp files
 # Test hook: seconds to sleep half-way through writing a checkpoint's temp file (to kill -9 a
 # process in the middle of a save). Never set in normal use.
 SAVE_SLEEP_ENV = "VARWEIGHT_TEST_SAVE_SLEEP"
@@ -85,7 +91,7 @@ def check_plain(obj: Any, where: str = "state") -> None:
                     "lists and dicts")
 
 
-def _fsync_dir(folder: str) -> None:
+def fsync_dir(folder: str) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -103,6 +109,53 @@ def write_reason(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         reason += " (disk full or file-size limit)"
     return reason
+
+
+def temp_target(name: str) -> Optional[str]:
+    """The file name a temp file of ``atomic_write_bytes`` was to become, or None for another name."""
+    m = _TEMP_RE.match(name)
+    return m.group(1) if m else None
+
+
+class NotRegularFile(OSError):
+    """A path that should be a regular file is a link, a folder, a FIFO, a socket or a device."""
+
+    def __init__(self, path: str, what: str) -> None:
+        super().__init__(errno.EINVAL, f"it is {what}, not a regular file", path)
+        self.what = what
+
+
+def file_kind(mode: int) -> str:
+    """"a folder", "a FIFO", ...: what a non-regular file of ``st_mode`` ``mode`` is."""
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISLNK, "a link")):
+        if test(mode):
+            return what
+    return "a device"
+
+
+def open_regular(path: str, follow_links: bool = False) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file, else raise ``NotRegularFile`` (an
+    OSError). O_NONBLOCK: a FIFO never blocks the open; O_NOFOLLOW (unless ``follow_links``):
+    nothing is read through a link."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_links and os.path.islink(path):
+            raise NotRegularFile(path, "a link") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise NotRegularFile(path, file_kind(mode))
+    return open(fd, "rb")
+
+
+def read_regular(path: str, follow_links: bool = False) -> bytes:
+    """The bytes of ``path`` when it is a regular file (see ``open_regular``)."""
+    with open_regular(path, follow_links) as fh:
+        return fh.read()
 
 
 def atomic_write_bytes(path: str, data, sleep_halfway: float = 0.0) -> None:
@@ -135,7 +188,7 @@ def atomic_write_bytes(path: str, data, sleep_halfway: float = 0.0) -> None:
         if isinstance(exc, OSError):
             raise WriteError(path, write_reason(exc)) from None
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
@@ -176,15 +229,13 @@ def _safe_load(source, name: str, what: str):
     except (OSError, MemoryError):
         raise
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc).lower():
-            detail = ""
-            m = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(exc))
-            if m is None:
-                m = re.search(r"Unsupported operand[^\n]*", str(exc))
-            if m is not None:
-                detail = f" ({m.group(1) if m.groups() else m.group(0)})"
-            raise CheckpointError(f"checkpoint {name} refused: its {what} needs pickled Python objects"
-                                  f"{detail}, which are never loaded (weights_only=True); it was not executed") from None
+        # a pickled object (a GLOBAL the weights-only unpickler refuses) is an attack or another
+        # tool's file; any other unpickling error (an unknown opcode: random bytes) is damage
+        m = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(exc))
+        if m is not None:
+            raise CheckpointError(f"checkpoint {name} refused: its {what} needs pickled Python objects "
+                                  f"({m.group(1)}), which are never loaded (weights_only=True); it was not "
+                                  "executed") from None
         raise CheckpointError(f"checkpoint {name} is corrupted ({what} unreadable: {_first_line(exc)})") from None
     except Exception as exc:  # zip/stream errors from truncation or garbage
         raise CheckpointError(f"checkpoint {name} is truncated or corrupted ({what} unreadable: "
@@ -197,6 +248,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     pickled objects; ``CheckpointUnreadable`` if it cannot be read now (missing, I/O error, out of memory)."""
     try:
         return _load_checkpoint(str(path))
+    except NotRegularFile as exc:  # a folder or FIFO of that name: no checkpoint, never waited on
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror}") from None
     except OSError as exc:
         raise CheckpointUnreadable(f"checkpoint {path} cannot be read: {exc.strerror or exc}; it was left as it "
                                    "is (retry when the cause is gone)") from None
@@ -205,10 +258,10 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 
 
 def _load_checkpoint(name: str) -> Dict[str, Any]:
-    size = os.path.getsize(name)
-    if size == 0:
-        raise CheckpointError(f"checkpoint {name} is empty (truncated)")
-    wrapper = _safe_load(name, name, "file")
+    with open_regular(name, follow_links=True) as fh:
+        if os.fstat(fh.fileno()).st_size == 0:
+            raise CheckpointError(f"checkpoint {name} is empty (truncated)")
+        wrapper = _safe_load(fh, name, "file")
     if not isinstance(wrapper, dict) or wrapper.get("format") != FORMAT_NAME:
         raise CheckpointError(f"checkpoint {name} is not a varweight checkpoint (no '{FORMAT_NAME}' header)")
     version = wrapper.get("format_version")
@@ -254,11 +307,23 @@ def clean_temp_files(folder: str) -> None:
     except FileNotFoundError:
         return
     for n in names:
-        if n.startswith(TEMP_PREFIX):
+        if temp_target(n) is not None:
             try:
                 os.unlink(os.path.join(folder, n))
             except OSError:
                 pass
+
+
+def has_header(path: str) -> bool:
+    """Whether ``path`` looks like a varweight checkpoint: a torch zip archive whose pickle names
+    the format (read without loading the payload; for telling a run of an older version, which
+    has no run marker, from someone else's folder)."""
+    try:
+        with open_regular(path) as fh, zipfile.ZipFile(fh) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            return bool(pickles) and FORMAT_NAME.encode() in archive.read(pickles[0])[:4096]
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError):
+        return False
 
 
 def load_latest_good(folder: str, warn: Callable[[str], None] = print,

@@ -6,8 +6,9 @@ num_classes)`` for:
 - "cifar10" / "cifar100": the official python-version archives (cifar-10-python.tar.gz,
   cifar-100-python.tar.gz from https://www.cs.toronto.edu/~kriz/), extracted under ``root``
   (torchvision's layout: ``root/cifar-10-batches-py``, ``root/cifar-100-python``) and read by
-  ``torchvision.datasets.CIFAR10/100``, which check every batch file's published MD5 before
-  unpickling it: a folder holding other pickles is refused, never loaded. An archive found
+  this module with the file names and published MD5s of ``torchvision.datasets.CIFAR10/100``:
+  each batch file is read once, and its bytes are unpickled only if their MD5 matches, so a
+  folder holding other pickles is refused, never loaded. An archive found
   under ``root`` (or fetched with ``download=True``) is checked against its MD5 and extracted.
 - "digits": scikit-learn's bundled 8x8 digits (1797 images, 1 channel), 0..16 scaled to 0..255.
 
@@ -23,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from .registry import DATASETS
+from .checkpoint import read_regular
 
 __all__ = ["DatasetUnavailable", "DATASETS", "load_dataset", "to_model_range", "from_model_range",
            "BatchIterator"]
@@ -87,19 +89,36 @@ def _extract_archive(cls, name: str, root: str, download: bool) -> None:
 
 
 def _load_cifar(name: str, root: str, download: bool, split: str) -> Tuple[torch.Tensor, int]:
-    from torchvision.datasets.utils import check_integrity
-
     cls = _cifar_class(name)
-    folder = os.path.join(root, cls.base_folder)
-    if not all(check_integrity(os.path.join(folder, f), md5) for f, md5 in cls.train_list + cls.test_list):
+    files = cls.train_list if split == "train" else cls.test_list
+    images = _read_cifar(cls, root, files)
+    if images is None:
         _extract_archive(cls, name, root, download)
-    try:
-        ds = cls(root, train=split == "train", download=False)
-    except RuntimeError:  # torchvision: "Dataset not found or corrupted"
+        images = _read_cifar(cls, root, files)
+    if images is None:
         raise _unavailable(cls, name, root, f"{cls.base_folder}/ is incomplete or fails its published "
-                                            f"MD5 checksums, and so was not read") from None
-    images = torch.as_tensor(ds.data).permute(0, 3, 1, 2).contiguous()  # torchvision holds NHWC uint8
+                                            f"MD5 checksums, and so was not read")
     return images, _CIFAR[name][1]
+
+
+def _read_cifar(cls, root: str, files) -> Optional[torch.Tensor]:
+    """The images of the batch files ``files`` ([name, md5] pairs, torchvision's lists) as uint8
+    NCHW, or None when one is missing or fails its MD5. Each file is read once and the bytes
+    whose MD5 matched are the bytes unpickled, so the file cannot change in between."""
+    import pickle
+
+    import numpy as np
+
+    arrays = []
+    for filename, md5 in files:
+        try:
+            data = read_regular(os.path.join(root, cls.base_folder, filename), follow_links=True)
+        except OSError:
+            return None
+        if hashlib.md5(data).hexdigest() != md5:
+            return None
+        arrays.append(pickle.loads(data, encoding="latin1")["data"])  # published bytes only
+    return torch.from_numpy(np.ascontiguousarray(np.vstack(arrays).reshape(-1, 3, 32, 32)))
 
 
 def _load_digits() -> Tuple[torch.Tensor, int]:
@@ -191,7 +210,14 @@ class BatchIterator:
         if int(state["num_items"]) != int(self.data.shape[0]) or int(state["batch_size"]) != self.batch_size:
             raise ValueError(f"iterator state is for {state['num_items']} items in batches of {state['batch_size']}, "
                              f"this iterator has {self.data.shape[0]} items in batches of {self.batch_size}")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        perm = state["perm"]
+        epoch, index, perm = int(state["epoch"]), int(state["index"]), state["perm"]
+        n = int(self.data.shape[0])
+        if epoch < 0 or not 0 <= index <= self.batches_per_epoch:
+            raise ValueError(f"iterator position epoch {epoch}, batch {index} is outside 0..{self.batches_per_epoch}")
+        if (not isinstance(perm, torch.Tensor) or perm.dim() != 1 or perm.dtype.is_floating_point
+                or perm.dtype == torch.bool or (perm.numel() and not torch.equal(perm.long().cpu().sort().values,
+                                                                                torch.arange(n)))):
+            raise ValueError(f"iterator permutation is not a permutation of the {n} items")
+        self.epoch, self.index = epoch, index
         self.perm = perm.clone().long().cpu() if perm.numel() else None
         self.generator.set_state(state["rng_state"].cpu().to(torch.uint8))

@@ -15,6 +15,11 @@ format (which stays for ``--resume``)::
 
 ``load_pretrained(PATH)`` returns the network (eval mode, loaded with ``strict=True``) and the
 sidecar; ``generate_pretrained`` draws the samples ``--sample-only`` draws for the same seed.
+
+An export is refused inside the run's own files and over a file that is not an earlier export.
+It writes ``PATH.json.pending``, then ``PATH``, then renames the pending sidecar over
+``PATH.json``; ``load_pretrained`` takes the pending one when it, not ``PATH.json``, matches the
+weights, so an export killed at any moment leaves a pair that loads (the old or the new).
 """
 from __future__ import annotations
 
@@ -29,7 +34,8 @@ import torch
 from . import checkpoint as ckpt
 from .config import TrainConfig, TrainError
 
-__all__ = ["WEIGHTS_FORMAT", "WEIGHTS_VERSION", "WEIGHT_SUFFIXES", "WeightsError", "sidecar_path", "export_run",
+__all__ = ["WEIGHTS_FORMAT", "WEIGHTS_VERSION", "WEIGHT_SUFFIXES", "WeightsError", "sidecar_path",
+           "pending_sidecar_path", "export_run",
            "load_pretrained", "make_pretrained_formulation", "generate_pretrained"]
 
 WEIGHTS_FORMAT = "varweight-weights"
@@ -55,7 +61,47 @@ def _suffix(path: str) -> str:
     return suffix
 
 
+def pending_sidecar_path(path: str) -> str:
+    """The new sidecar of an export under way (``PATH.json.pending``), renamed over the sidecar
+    once the weights are in place."""
+    return sidecar_path(path) + ".pending"
+
+
 # -- writing -----------------------------------------------------------------------------------
+def _check_target(path: str, out: str) -> None:
+    """Refuse an export path among the run's own files (its checkpoints, config.json,
+    metrics.jsonl, ...), a folder, or a file that is not an earlier export (weights with a
+    sidecar naming them): an export never replaces a file the trainer did not write."""
+    from .run_dir import is_run_path
+
+    side, pending = sidecar_path(path), pending_sidecar_path(path)
+    for target in (path, side, pending):
+        if is_run_path(out, target):
+            raise WeightsError(f"--export {path}: {target} is one of the run's own files (in {out}); "
+                               "export to a name of its own")
+        if os.path.isdir(target) and not os.path.islink(target):
+            raise WeightsError(f"--export {path}: {target} is a folder")
+    earlier = {}
+    for target in (side, pending):
+        if os.path.lexists(target):
+            earlier[target] = _sidecar_of(target)
+            if earlier[target] is None:
+                raise WeightsError(f"--export {path}: {target} is there and is not a weights sidecar; move it away "
+                                   "or export to another name")
+    if os.path.lexists(path) and not any(m.get("weights_file") == os.path.basename(path) for m in earlier.values()):
+        raise WeightsError(f"--export {path}: a file is there that is not an earlier export (no sidecar "
+                           f"{os.path.basename(side)} names it); move it away or export to another name")
+
+
+def _sidecar_of(side: str) -> Optional[Dict[str, Any]]:
+    """The sidecar at ``side`` if it is a regular file holding a varweight weights sidecar."""
+    try:
+        meta = json.loads(ckpt.read_regular(side))
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == WEIGHTS_FORMAT else None
+
+
 def _encode(tensors: Dict[str, torch.Tensor], suffix: str) -> bytes:
     if suffix == ".safetensors":
         try:
@@ -82,6 +128,7 @@ def export_run(cfg: TrainConfig) -> str:
     cfg = cfg.validate()
     path = cfg.export
     suffix = _suffix(path)
+    _check_target(path, cfg.out)
     run = load_run_network(cfg, cfg.export_weights)
     run_cfg = run.config
     # independent contiguous CPU copies: safetensors refuses shared or strided storage
@@ -102,8 +149,14 @@ def export_run(cfg: TrainConfig) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
+        # the pair is replaced sidecar-first through a pending copy that load_pretrained accepts
+        # when it matches the weights: a kill at any moment leaves the old pair or the new one
+        write_json_atomic(pending_sidecar_path(path), sidecar)
         ckpt.atomic_write_bytes(path, data)
-        write_json_atomic(sidecar_path(path), sidecar)
+        os.replace(pending_sidecar_path(path), sidecar_path(path))
+        ckpt.fsync_dir(folder)
+    except ckpt.WriteError as exc:
+        raise WeightsError(str(exc)) from None
     except OSError as exc:
         raise WeightsError(f"cannot write {path}: {exc.strerror or exc}") from None
     say(f"exported the {cfg.export_weights} weights of {run.checkpoint} (step {run.step}) to {path} "
@@ -113,10 +166,12 @@ def export_run(cfg: TrainConfig) -> str:
 
 # -- reading -----------------------------------------------------------------------------------
 def _read_sidecar(path: str) -> Dict[str, Any]:
-    side = sidecar_path(path)
+    return _parse_sidecar(sidecar_path(path), path)
+
+
+def _parse_sidecar(side: str, path: str) -> Dict[str, Any]:
     try:
-        with open(side) as fh:
-            meta = json.load(fh)
+        meta = json.loads(ckpt.read_regular(side, follow_links=True))
     except FileNotFoundError:
         raise WeightsError(f"{path} has no sidecar {side} (the config that rebuilds the network); "
                            "export with train_cifar.py --out RUN --export PATH") from None
@@ -161,24 +216,73 @@ def load_pretrained(path, device="cpu") -> Tuple[torch.nn.Module, Dict[str, Any]
     suffix = _suffix(path)
     meta = _read_sidecar(path)
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        data = ckpt.read_regular(path, follow_links=True)
     except OSError as exc:
         raise WeightsError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if hashlib.sha256(data).hexdigest() != meta["weights_sha256"]:
-        raise WeightsError(f"{path} does not match its sidecar (sha256 differs): corrupted, or another export's file")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != meta["weights_sha256"]:
+        meta = _pending_match(path, digest)
     tensors = _decode(data, suffix, path)
+    _check_fits(meta, tensors, path, build_unet)
     with torch.random.fork_rng(devices=[]):
-        try:
-            net = build_unet(meta["arch"], int(meta["in_channels"]), int(meta["image_size"]), **meta["network"])
-        except (TypeError, ValueError) as exc:
-            raise WeightsError(f"{sidecar_path(path)} does not describe a network: {exc}") from None
+        net = build_unet(meta["arch"], int(meta["in_channels"]), int(meta["image_size"]), **meta["network"])
     try:
         net.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         detail = " ".join(str(exc).split())
         raise WeightsError(f"{path} does not fit the network of its sidecar: {detail[:300]}") from None
     return net.to(device).eval(), meta
+
+
+def _pending_match(path: str, digest: str) -> Dict[str, Any]:
+    """The pending sidecar of an export interrupted after its weights were renamed, if it is the
+    one that matches them; else the mismatch is an error."""
+    pending = pending_sidecar_path(path)
+    if os.path.lexists(pending):
+        try:
+            meta = _parse_sidecar(pending, path)
+        except WeightsError:
+            meta = None
+        if meta is not None and meta["weights_sha256"] == digest:
+            return meta
+    raise WeightsError(f"{path} does not match its sidecar (sha256 differs): corrupted, or another export's file")
+
+
+def _check_fits(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor], path: str, build_unet) -> None:
+    """The sidecar's network, built on the meta device (nothing allocated), has exactly the
+    tensors of the file: a sidecar naming a huge network is refused before any memory is taken.
+    Sizes beyond what the file holds are refused before even that."""
+    side = sidecar_path(path)
+    elements = sum(t.numel() for t in tensors.values())
+    sizes = [meta["in_channels"], meta["image_size"]]
+    stack = [meta["network"]]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack += list(item.values())
+        elif isinstance(item, (list, tuple)):
+            if len(item) > len(tensors):
+                raise WeightsError(f"{side} does not describe the network of {path}: a list of {len(item)} entries")
+            stack += list(item)
+        elif isinstance(item, (int, float)) and not isinstance(item, bool):
+            sizes.append(item)
+    big = [v for v in sizes if not isinstance(v, (int, float)) or not abs(v) <= max(elements, 1)]
+    if big:
+        raise WeightsError(f"{side} does not describe the network of {path}: sizes {big[:3]} exceed the "
+                           f"{elements} numbers the file holds")
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            shell = build_unet(meta["arch"], int(meta["in_channels"]), int(meta["image_size"]), **meta["network"])
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise WeightsError(f"{side} does not describe a network: {' '.join(str(exc).split())[:300]}") from None
+    want = {k: tuple(v.shape) for k, v in shell.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != got:
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}" for what, keys in
+                           (("missing", missing), ("unexpected", extra), ("other shape", wrong)) if keys)
+        raise WeightsError(f"{path} does not fit the network of its sidecar ({detail[:300]})")
 
 
 def make_pretrained_formulation(meta: Dict[str, Any]):

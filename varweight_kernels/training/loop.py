@@ -45,7 +45,7 @@ from .config import TrainConfig, TrainError
 from .distributed import DistInfo, all_reduce_sum, average_gradients, init_distributed, resolve_device
 from .rng import derive_seed, make_generators
 from .run_dir import (MetricsLog, check_run_folder, clear_run, format_record, interval_record, latest_checkpoint,
-                      mark_done, new_accumulator, release_run_folder, say, write_run_config)
+                      mark_done, new_accumulator, release_run_folder, run_folder_held, say, write_run_config)
 from .run_index import write_run_index
 from .sampling import Evaluation
 from .signals import StopSignal
@@ -74,10 +74,12 @@ def train(cfg: TrainConfig, callbacks: Optional[Callbacks] = None) -> Dict[str, 
     """Run (or resume) training as configured. Returns a summary dict. Raises TrainError,
     ConfigError, CheckpointError or WriteError with a one-line message on user-facing failures.
     ``--out`` stays locked against other trainers until it returns."""
+    held = run_folder_held(cfg.out)  # by another train() in this process: its lock, never released here
     try:
         return _train(cfg, callbacks)
     finally:
-        release_run_folder(cfg.out)
+        if not held:
+            release_run_folder(cfg.out)
 
 
 def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:

@@ -4,19 +4,21 @@ binstats.npz, the DONE marker, and the console lines.
 Layout (docs/DESIGN.md): ``config.json``, ``metrics.jsonl``, ``binstats.npz``,
 ``persample.npz``, ``samples_step*.png``, ``checkpoints/ckpt_XXXXXXXX.pt``, ``DONE``;
 ``--sample-only`` adds ``samples.npz`` and ``samples.png``. ``.varweight-run`` marks the folder
-as a run (``--overwrite`` removes the trainer's files there and refuses a folder holding others);
-``.varweight-lock`` is flock'ed by the one process writing the run. A run never writes outside
-its folder: every file is replaced atomically (``checkpoint.atomic_write_bytes``) or appended
-with O_NOFOLLOW; a failed write is a one-line ``WriteError``.
+as a run (``--overwrite`` removes the trainer's exact file names there and refuses a folder
+holding others); ``.varweight-lock`` is flock'ed by the one process writing the run. A run never
+writes outside its folder: every file is replaced atomically (``checkpoint.atomic_write_bytes``)
+or appended with O_NOFOLLOW; a failed write is a one-line ``WriteError``. What a resume reads
+back is opened only as a regular file (``checkpoint.open_regular``).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import fnmatch
 import io
 import json
 import os
+import re
+import stat
 import sys
 import tempfile
 import time
@@ -30,10 +32,10 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, TrainError
 
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_MARKER", "LOCK_FILE", "TOLERATED", "TIMING_FIELDS", "LOG_FIELDS",
-           "checkpoint_dir", "latest_checkpoint", "folder_kind", "foreign_files", "check_run_folder",
-           "lock_run_folder", "release_run_folder", "run_folder_lock", "check_writable", "clear_run", "write_json_atomic",
-           "write_run_config", "mark_done", "MetricsLog", "new_accumulator", "accumulate", "interval_record",
-           "format_record", "say", "warn"]
+           "checkpoint_dir", "latest_checkpoint", "folder_kind", "is_run_path", "foreign_files", "check_run_folder",
+           "lock_run_folder", "run_folder_held", "release_run_folder", "run_folder_lock", "check_writable",
+           "clear_run", "no_checkpoint_advice", "write_json_atomic", "write_run_config", "mark_done", "MetricsLog",
+           "new_accumulator", "accumulate", "interval_record", "format_record", "say", "warn"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "binstats.npz", "persample.npz", "DONE", "samples.npz", "samples.png",
              "index.md")
@@ -66,30 +68,60 @@ def latest_checkpoint(out: str) -> Optional[str]:
     return found[0][1] if found else None
 
 
+_GRID_RE = re.compile(r"^samples_step\d{8,}\.png$")
+_PROBE_RE = re.compile(r"^\.write-test-[a-z0-9_]{8}$")  # tempfile.mkstemp's names
+
+
+def _is_own_name(name: str, top: bool) -> bool:
+    """Whether ``name`` is exactly a name the trainer writes: at the top of the run folder
+    (``top``) or in checkpoints/."""
+    if top:
+        return name in RUN_FILES or name in (RUN_MARKER, LOCK_FILE) or bool(_GRID_RE.match(name))
+    return bool(ckpt.CKPT_RE.match(name)) or (name.endswith(".corrupt") and bool(ckpt.CKPT_RE.match(name[:-8])))
+
+
 def _is_run_file(rel: str) -> bool:
-    """Whether ``rel`` (a path inside the run folder) names a file the trainer writes."""
+    """Whether ``rel`` (a path inside the run folder) names a file the trainer writes: its own
+    names exactly, the temp files ``atomic_write_bytes`` makes of them, and the write probes."""
     parts = rel.split("/")
     name = parts[-1]
-    temp = name.startswith((ckpt.TEMP_PREFIX, ".write-test-"))
-    if len(parts) == 1:
-        return (name in RUN_FILES or name in (RUN_MARKER, LOCK_FILE) or temp
-                or fnmatch.fnmatchcase(name, "samples_step*.png"))
-    if len(parts) == 2 and parts[0] == "checkpoints":
-        return temp or fnmatch.fnmatchcase(name, "ckpt_*.pt") or fnmatch.fnmatchcase(name, "ckpt_*.pt.corrupt")
+    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "checkpoints"):
+        temp = ckpt.temp_target(name)
+        return (_is_own_name(name, len(parts) == 1) or bool(_PROBE_RE.match(name))
+                or (temp is not None and _is_own_name(temp, len(parts) == 1)))
     return len(parts) == 2 and parts[0] == "tensorboard" and name.startswith("events.out.tfevents.")
 
 
 def _folder_entries(out: str) -> List[str]:
     """Paths in ``out`` relative to it: files and links, and the contents of its real
-    checkpoints/ and tensorboard/ folders (a link or another folder is listed as such)."""
+    checkpoints/ and tensorboard/ folders (a link or another folder is listed as such, with a
+    trailing "/" for a folder)."""
     found = []
     for name in sorted(os.listdir(out)):
         path = os.path.join(out, name)
         if name in RUN_FOLDERS and os.path.isdir(path) and not os.path.islink(path):
-            found += [f"{name}/{sub}" for sub in sorted(os.listdir(path))]
+            found += [f"{name}/{sub}" + ("/" if _is_dir(os.path.join(path, sub)) else "")
+                      for sub in sorted(os.listdir(path))]
         else:
-            found.append(name + ("/" if os.path.isdir(path) and not os.path.islink(path) else ""))
+            found.append(name + ("/" if _is_dir(path) else ""))
     return found
+
+
+def _is_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def is_run_path(out: str, path: str) -> bool:
+    """Whether ``path`` is one of the files the run in ``out`` manages: in its checkpoints/ or
+    tensorboard/ folder, or a file name the trainer writes at its top (folders resolved through
+    links; the last name is not, since writes replace a link there)."""
+    base = os.path.realpath(out)
+    target = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+    rel = os.path.relpath(target, base)
+    if rel == "." or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return rel == "."
+    parts = rel.split(os.sep)
+    return parts[0] in RUN_FOLDERS or (len(parts) == 1 and _is_run_file(parts[0]))
 
 
 def foreign_files(out: str) -> List[str]:
@@ -98,23 +130,27 @@ def foreign_files(out: str) -> List[str]:
 
 
 def folder_kind(out: str) -> str:
-    """"run" (a run marker, or a run of an older version: config.json and a checkpoint), "empty"
-    (nothing but the lock, tolerated files and empty run folders) or "other"."""
+    """"run" (a run marker, or a run of an older version: config.json and checkpoints that all
+    carry the checkpoint header), "empty" (nothing but the lock, tolerated files, write probes
+    and empty run folders) or "other"."""
     if not os.path.isdir(out):
         return "empty"
     marker = os.path.join(out, RUN_MARKER)
     if os.path.isfile(marker) and not os.path.islink(marker):
         return "run"
     legacy_config = os.path.join(out, "config.json")
-    if os.path.isfile(legacy_config) and not os.path.islink(legacy_config) and ckpt.list_checkpoints(checkpoint_dir(out)):
+    found = ckpt.list_checkpoints(checkpoint_dir(out))
+    if (os.path.isfile(legacy_config) and not os.path.islink(legacy_config) and found
+            and all(ckpt.has_header(path) for _, path in found)):
         return "run"
     return "other" if _occupants(out) else "empty"
 
 
 def _occupants(out: str) -> List[str]:
-    """What in ``out`` keeps it from counting as empty (a leftover lock or probe does not)."""
+    """What in ``out`` keeps it from counting as empty (a leftover lock or a write probe, such as
+    the one rank 0 of a fresh DDP start makes meanwhile, does not)."""
     inert = {LOCK_FILE, *TOLERATED}
-    return [rel for rel in _folder_entries(out) if rel not in inert and not rel.startswith(".write-test-")]
+    return [rel for rel in _folder_entries(out) if rel not in inert and not _PROBE_RE.match(rel.split("/")[-1])]
 
 
 def _refuse_out(out: str) -> None:
@@ -127,32 +163,66 @@ def _refuse_out(out: str) -> None:
     for name in RUN_FOLDERS:
         if os.path.islink(os.path.join(out, name)):
             raise TrainError(f"{os.path.join(out, name)} is a link; a run writes only inside its own folder")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TrainError(f"--out {out} exists and is not a folder")
 
 
 def check_run_folder(cfg: TrainConfig, main_rank: bool) -> None:
     """Before any training: refuse the root or home folder, a folder another trainer holds, a
     folder of someone else's files, clobbering a run (without --overwrite) or resuming a missing
-    one; prove ``--out`` writable and lock it (on rank 0)."""
-    out = cfg.out
+    one; prove ``--out`` writable and lock it (on rank 0). A refused folder is left as it was:
+    the checks run before anything is created, and again under the lock."""
     if cfg.resume and cfg.overwrite:
         raise TrainError("--resume and --overwrite exclude each other")
-    _refuse_out(out)
+    _refuse_out(cfg.out)
+    _check_kind(cfg)
     if main_rank:
-        check_writable(out)
-        lock_run_folder(out)
+        check_writable(cfg.out)
+        lock_run_folder(cfg.out)
+        _check_kind(cfg)  # another process may have changed the folder before the lock was taken
+
+
+def _check_kind(cfg: TrainConfig) -> None:
+    out = cfg.out
     kind = folder_kind(out)
+    if kind == "run":
+        _check_run_entries(out, cfg.resume)
     if cfg.resume:
         if kind != "run":
             raise TrainError(f"--resume: no run in {out} to continue")
+        if not ckpt.list_checkpoints(checkpoint_dir(out)):
+            raise TrainError(no_checkpoint_advice(out))
         return
     if kind == "other":
         raise TrainError(f"{out} is not empty and holds no run ({_names(_occupants(out))}); "
                          "choose an empty or new folder")
     if kind == "run" and not cfg.overwrite:
+        if not ckpt.list_checkpoints(checkpoint_dir(out)):
+            raise TrainError(no_checkpoint_advice(out))
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
     if kind == "run" and foreign_files(out):
         raise TrainError(f"--overwrite: {out} also holds files the run did not write ({_names(foreign_files(out))}); "
                          "move them away first")
+
+
+def no_checkpoint_advice(out: str) -> str:
+    """What to do with a run that stopped before its first checkpoint (--resume cannot continue it)."""
+    return (f"{out} holds a run that stopped before its first checkpoint, so --resume cannot continue it; "
+            "pass --overwrite to start it over")
+
+
+def _check_run_entries(out: str, resume: bool) -> None:
+    """No trainer file name in a run folder is a folder (a write cannot replace one, nor
+    --overwrite delete it), and on --resume metrics.jsonl, which is read back, is a regular file
+    (not a link, FIFO or device): refused before anything is read or deleted."""
+    for rel in _folder_entries(out):
+        name = rel.rstrip("/")
+        if not _is_run_file(name) or name == LOCK_FILE:
+            continue
+        mode = os.lstat(os.path.join(out, name)).st_mode
+        if stat.S_ISDIR(mode) or (resume and name == "metrics.jsonl" and not stat.S_ISREG(mode)):
+            raise TrainError(f"{os.path.join(out, name)} is {ckpt.file_kind(mode)}, where the "
+                             "run keeps a file of that name; move it away")
 
 
 def _names(rels: List[str], shown: int = 5) -> str:
@@ -176,6 +246,11 @@ def lock_run_folder(out: str) -> None:
         raise TrainError(f"{out} is in use by another varweight process (it holds {path}); wait for it "
                          "to end or choose another folder") from None
     _HELD_LOCKS[key] = fd
+
+
+def run_folder_held(out: str) -> bool:
+    """Whether this process holds ``out``'s lock."""
+    return os.path.realpath(out) in _HELD_LOCKS
 
 
 def release_run_folder(out: str) -> None:
@@ -217,7 +292,7 @@ def check_writable(out: str) -> None:
 
 def clear_run(out: str) -> None:
     """--overwrite: remove the files the trainer writes, and nothing else (``check_run_folder``
-    refused a folder holding anything more); the lock stays held."""
+    refused a folder holding anything more, or a folder under a file's name); the lock stays held."""
     for rel in _folder_entries(out):
         if _is_run_file(rel) and rel != LOCK_FILE:
             os.unlink(os.path.join(out, rel))
@@ -268,28 +343,28 @@ class MetricsLog:
         is at its end), so nothing would rewrite them and both are kept."""
         if not self.enabled:
             return
-        if os.path.exists(self.path):
+        if os.path.lexists(self.path):
             keep = []
-            with open(self.path) as fh:
-                for number, line in enumerate(fh, 1):
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue  # a line cut by a crash
-                    if not (isinstance(rec, dict) and type(rec.get("step", 0)) is int):
-                        raise TrainError(f"{self.path} line {number} is not a metrics record (an object with an "
-                                         "integer step); remove the line to resume")
-                    if rec.get("step", 0) > step:
+            for number, line in enumerate(_read_lines(self.path), 1):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+                if not (isinstance(rec, dict) and type(rec.get("step", 0)) is int):
+                    raise TrainError(f"{self.path} line {number} is not a metrics record (an object with an "
+                                     "integer step); remove the line to resume")
+                if rec.get("step", 0) > step:
+                    continue
+                if rec.get("final") and not keep_final:
+                    rec = {k: v for k, v in rec.items() if k == "step" or k not in LOG_FIELDS}
+                    if len(rec) == 1:
                         continue
-                    if rec.get("final") and not keep_final:
-                        rec = {k: v for k, v in rec.items() if k == "step" or k not in LOG_FIELDS}
-                        if len(rec) == 1:
-                            continue
-                    keep.append(json.dumps(rec) + "\n")
+                keep.append(json.dumps(rec) + "
+")
             ckpt.atomic_write_bytes(self.path, "".join(keep).encode())
-        if os.path.exists(self.bin_path):
-            try:
-                with np.load(self.bin_path, allow_pickle=False) as z:
+        if os.path.lexists(self.bin_path):
+            try:  # a link or a FIFO is unreadable here, never read through or waited on
+                with np.load(io.BytesIO(ckpt.read_regular(self.bin_path)), allow_pickle=False) as z:
                     data = {k: z[k] for k in z.files}
                 sel = (data["steps"] < step) | ((data["steps"] == step) & (keep_final or step % log_every == 0))
                 self.bin_edges = data["bin_edges"]
@@ -368,6 +443,22 @@ def _summary_writer(log_dir: str):
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _read_lines(path: str) -> List[str]:
+    """The lines of a metrics.jsonl the run reads back: a regular file of UTF-8 text (one line
+    error otherwise; a link is not read through, a FIFO not waited on)."""
+    try:
+        data = ckpt.read_regular(path)
+    except OSError as exc:
+        raise TrainError(f"cannot read {path}: {exc.strerror or exc}; move it away to resume") from None
+    lines = data.splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TrainError(f"{path} line {number} is not UTF-8 text; remove the line to resume") from None
+    return [line.decode("utf-8") for line in lines]
 
 
 def new_accumulator() -> Dict[str, Any]:

@@ -4,7 +4,8 @@ Written (atomically) at the end of a run, after ``--sample-only`` and ``--export
 status, a config summary, the latest value of every metric, the sample grids (the newest shown),
 the data files, the checkpoints, exported weights in the folder, and the figures of an
 experiment report above it (``EXP/report.md`` for runs in ``EXP/runs/LABEL/seedS``). Every link
-is relative, so the folder can be moved or published as it is.
+is relative, so the folder can be moved or published as it is. Only regular files are read,
+never through a link and never waiting on a FIFO, so a planted name copies nothing into it.
 """
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ def write_run_index(out: str) -> Optional[str]:
     path = os.path.join(out, INDEX_NAME)
     try:
         ckpt.atomic_write_bytes(path, render_run_index(out).encode())
+    except ckpt.WriteError as exc:  # what the atomic write raises: a finished run stays finished
+        warn(f"warning: {exc}")
+        return None
     except OSError as exc:
         warn(f"warning: could not write {path}: {exc.strerror or exc}")
         return None
@@ -74,30 +78,31 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _read_json(path: str) -> Optional[Any]:
+def _read_text(path: str) -> Optional[str]:
+    """The text of ``path`` if it is a regular file: never read through a link (a planted one
+    would copy its target into the index), never wait on a FIFO."""
     try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
+        return ckpt.read_regular(path).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def _read_json(path: str) -> Optional[Any]:
+    text = _read_text(path)
+    try:
+        return None if text is None else json.loads(text)
+    except ValueError:
         return None
 
 
 def _status(out: str) -> str:
-    done = os.path.join(out, "DONE")
-    if os.path.exists(done):
-        return f"Finished ({_first_line(done)})."
+    done = _read_text(os.path.join(out, "DONE"))
+    if done is not None:
+        return f"Finished ({(done.splitlines() or [''])[0].strip()})."
     found = ckpt.list_checkpoints(os.path.join(out, "checkpoints"))
     if found:
         return f"Not finished; the latest checkpoint is at step {found[0][0]} (continue with `--resume`)."
     return "Not finished; no checkpoint yet."
-
-
-def _first_line(path: str) -> str:
-    try:
-        with open(path) as fh:
-            return fh.readline().strip()
-    except OSError:
-        return ""
 
 
 def _config_section(out: str) -> List[str]:
@@ -112,18 +117,14 @@ def _config_section(out: str) -> List[str]:
 def latest_metrics(path: str) -> Dict[str, Tuple[Any, int]]:
     """Every metric's latest value in a metrics.jsonl and its step (lines cut by a crash skipped)."""
     latest: Dict[str, Tuple[Any, int]] = {}
-    try:
-        with open(path) as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict):
-                    step = rec.get("step", 0)
-                    latest.update({k: (v, step) for k, v in rec.items() if k not in ("step", "final")})
-    except OSError:
-        pass
+    for line in (_read_text(path) or "").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            step = rec.get("step", 0)
+            latest.update({k: (v, step) for k, v in rec.items() if k not in ("step", "final")})
     return latest
 
 

@@ -22,7 +22,7 @@ from .builders import EMA
 from .config import RESUME_MUTABLE, TRAJECTORY_FIELDS, ConfigError, TrainConfig, TrainError, config_diff
 from .distributed import DistInfo, all_gather_objects, broadcast_object
 from .rng import derive_seed, get_rng_states, set_rng_states
-from .run_dir import checkpoint_dir, new_accumulator, warn
+from .run_dir import checkpoint_dir, folder_kind, new_accumulator, no_checkpoint_advice, warn
 
 __all__ = ["STATE_VERSION", "TrainState", "ResumePoint", "read_resume_point", "saved_config", "checkpoint_config"]
 
@@ -43,6 +43,8 @@ def checkpoint_config(path: str, state: Dict[str, Any]) -> TrainConfig:
 def saved_config(out: str) -> TrainConfig:
     """The config of the latest good checkpoint in ``out`` (read only: nothing is quarantined)."""
     if not ckpt.list_checkpoints(checkpoint_dir(out)):
+        if folder_kind(out) == "run":
+            raise TrainError(no_checkpoint_advice(out))
         raise TrainError(f"no run in {out} to continue (no checkpoint in {checkpoint_dir(out)})")
     path, state = ckpt.load_latest_good(checkpoint_dir(out), warn=lambda msg: None, quarantine=False)
     return checkpoint_config(path, state)
@@ -167,4 +169,17 @@ class TrainState:
         self.step = int(state["step"])
         self.skipped = int(state["counters"]["skipped_steps"])
         self.consecutive = int(state["counters"]["consecutive_nonfinite"])
-        self.log_accum = dict(state["log_accum"])
+        self.log_accum = _log_accum(state["log_accum"])
+
+
+def _log_accum(saved: Any) -> Dict[str, Any]:
+    """A checkpoint's log accumulator, checked: the keys ``new_accumulator`` makes, each a number
+    of its type (the loop reads every one of them)."""
+    fresh = new_accumulator()
+    if not isinstance(saved, dict) or set(saved) != set(fresh):
+        got = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"its log_accum holds {got}, not the keys {sorted(fresh)}")
+    for key, value in fresh.items():
+        if type(saved[key]) is not type(value) and not (isinstance(value, float) and type(saved[key]) is int):
+            raise ValueError(f"its log_accum[{key!r}] is a {type(saved[key]).__name__}, not a {type(value).__name__}")
+    return dict(saved)
