@@ -359,8 +359,7 @@ class MetricsLog:
                     rec = {k: v for k, v in rec.items() if k == "step" or k not in LOG_FIELDS}
                     if len(rec) == 1:
                         continue
-                keep.append(json.dumps(rec) + "
-")
+                keep.append(json.dumps(rec) + "\n")
             ckpt.atomic_write_bytes(self.path, "".join(keep).encode())
         if os.path.lexists(self.bin_path):
             try:  # a link or a FIFO is unreadable here, never read through or waited on
