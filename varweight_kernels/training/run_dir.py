@@ -32,7 +32,7 @@ from .config import TrainConfig, TrainError
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_MARKER", "LOCK_FILE", "TOLERATED", "TIMING_FIELDS", "LOG_FIELDS",
            "checkpoint_dir", "latest_checkpoint", "folder_kind", "foreign_files", "check_run_folder",
            "lock_run_folder", "release_run_folder", "run_folder_lock", "check_writable", "clear_run", "write_json_atomic",
-           "write_run_config", "mark_done", "MetricsLog", "new_accumulator", "accumulate", "interval_record",
+           "write_run_config", "mark_done", "MetricsLog", "new_accumulator", "interval_record",
            "format_record", "say", "warn"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "binstats.npz", "persample.npz", "DONE", "samples.npz", "samples.png",
