@@ -239,9 +239,9 @@ def load_run_network(cfg: TrainConfig, which: str = "ema") -> RunNetwork:
     """The ``which`` ("ema" or "raw") weights of the latest good checkpoint in ``cfg.out``, loaded
     strictly into the network its saved config builds."""
     from .formulations import make_formulation
-    from .state import checkpoint_config
+    from .state import checkpoint_config, read_latest_good
 
-    path, state = ckpt.load_latest_good(checkpoint_dir(cfg.out), warn=warn, quarantine=False)
+    path, state = read_latest_good(checkpoint_dir(cfg.out), warn=warn, quarantine=False)
     run_cfg = checkpoint_config(path, state).replace(
         {k: getattr(cfg, k) for k in ("device", "sampler", "sample_steps", "rho", "num_samples", "amp")})
     formulation = make_formulation(run_cfg.formulation, **run_cfg.formulation_kwargs())

@@ -12,8 +12,9 @@ layout does; a checkpoint of another version is refused with a clear error.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -24,7 +25,8 @@ from .distributed import DistInfo, all_gather_objects
 from .rng import derive_seed, get_rng_states, set_rng_states
 from .run_dir import checkpoint_dir, new_accumulator, warn
 
-__all__ = ["STATE_VERSION", "TrainState", "ResumePoint", "read_resume_point", "saved_config", "checkpoint_config"]
+__all__ = ["STATE_VERSION", "TrainState", "ResumePoint", "read_resume_point", "saved_config", "checkpoint_config",
+           "read_latest_good"]
 
 STATE_VERSION = 1
 
@@ -40,12 +42,38 @@ def checkpoint_config(path: str, state: Dict[str, Any]) -> TrainConfig:
         raise TrainError(f"checkpoint {path} holds a bad config: {exc}") from None
 
 
+# The checkpoint saved_config read, for the read that follows it (--resume, --sample-only and
+# --export read the config first, then the state): one slot, taken by the next read_latest_good.
+_PEEKED: Dict[str, Any] = {}
+
+
+def _identity(path: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def saved_config(out: str) -> TrainConfig:
     """The config of the latest good checkpoint in ``out`` (read only: nothing is quarantined)."""
     if not ckpt.list_checkpoints(checkpoint_dir(out)):
         raise TrainError(f"no run in {out} to continue (no checkpoint in {checkpoint_dir(out)})")
     path, state = ckpt.load_latest_good(checkpoint_dir(out), warn=lambda msg: None, quarantine=False)
+    _PEEKED.clear()
+    _PEEKED.update(path=path, identity=_identity(path), state=state)
     return checkpoint_config(path, state)
+
+
+def read_latest_good(folder: str, warn: Callable[[str], None], quarantine: bool) -> Tuple[str, Dict[str, Any]]:
+    """``checkpoint.load_latest_good``, except that the checkpoint ``saved_config`` just read and
+    verified, if it is still the newest file and unchanged on disk, is not read and checksummed again."""
+    peeked = dict(_PEEKED)
+    _PEEKED.clear()
+    newest = ckpt.list_checkpoints(folder)[:1]
+    if peeked and newest and newest[0][1] == peeked["path"] and _identity(peeked["path"]) == peeked["identity"]:
+        return peeked["path"], peeked["state"]
+    return ckpt.load_latest_good(folder, warn=warn, quarantine=quarantine)
 
 
 @dataclass
@@ -64,7 +92,7 @@ def read_resume_point(cfg: TrainConfig, d: DistInfo) -> ResumePoint:
     if d.main:
         ckpt.clean_temp_files(folder)  # a save killed half-way leaves one
     d.barrier()
-    path, state = ckpt.load_latest_good(folder, warn=warn if d.main else (lambda m: None), quarantine=d.main)
+    path, state = read_latest_good(folder, warn=warn if d.main else (lambda m: None), quarantine=d.main)
     if state.get("version") != STATE_VERSION:
         raise TrainError(f"checkpoint {path} holds training state version {state.get('version')!r}; "
                          f"this build resumes version {STATE_VERSION}")
