@@ -15,12 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 from pathlib import Path
 
 import pytest
 import torch
 
+from varweight_kernels.backends import cpu_name
 from varweight_kernels.training.checkpoint import load_checkpoint
 from varweight_kernels.training.loop import train
 from varweight_kernels.training.rng import derive_seed
@@ -47,16 +47,7 @@ CASES = {
 
 def fingerprint() -> str:
     """The CPU model and the torch build: what the bits of a run depend on besides the code."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu} | torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()}"
+    return f"{cpu_name()} | torch {torch.__version__} | {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _feed(h, obj, path: str = "") -> None:

@@ -1,9 +1,11 @@
-"""The package's surface is real (issue 25, item 3): every ``__all__`` name exists, the old
-import paths warn, and checkpoints written before the unused RNG streams were dropped resume."""
+"""The package's surface is real (issue 25, items 3 and 4): every ``__all__`` name exists, the old
+import paths warn, checkpoints written before the unused RNG streams were dropped resume, and
+metrics.jsonl, numbers and the CPU's name each have one reader or formatter."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import pkgutil
 import subprocess
 import sys
@@ -78,3 +80,45 @@ def test_checkpoint_with_the_dropped_streams_resumes(tmp_path):
     save_checkpoint(state, path)
     train(tiny(tmp_path / "split", steps=6, resume=True, **kw))
     assert_runs_equal(tmp_path / "full", tmp_path / "split", 6)
+
+
+# -- one reader, one formatter (issue 25, item 4) ----------------------------------------------
+def test_metrics_readers_agree_on_bad_lines(tmp_path):
+    """metrics.jsonl had three readers that disagreed on a bad line; run_dir.read_metrics is the
+    one: a line cut by a crash is skipped, a JSON line that is not a record names file and line."""
+    from varweight_kernels.training.config import TrainError
+    from varweight_kernels.training.run_dir import MetricsLog, read_metrics
+    from varweight_kernels.training.run_index import latest_metrics, render_run_index
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 2, "loss": 0.5}\n\n{"step": 4, "loss": 0.25}\n{"step": 6, "lo')
+    assert read_metrics(str(path)) == [{"step": 2, "loss": 0.5}, {"step": 4, "loss": 0.25}]
+    assert latest_metrics(str(path)) == {"loss": (0.25, 4)}
+    assert read_metrics(str(tmp_path / "none.jsonl")) == []
+    path.write_text('{"step": 2, "loss": 0.5}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not a metrics record"):
+        read_metrics(str(path))
+    with pytest.raises(ValueError, match="line 2"):
+        latest_metrics(str(path))
+    assert "Not readable" in render_run_index(str(tmp_path))  # the index says so and is still written
+    with pytest.raises(TrainError, match="line 2 is not a metrics record.*remove the line to resume"):
+        MetricsLog(str(tmp_path), enabled=True).truncate_to(2, 2)
+
+
+def test_format_number():
+    from varweight_kernels.training.run_dir import format_number
+
+    assert format_number(0.123456) == "0.1235" and format_number(3, digits=2) == "3"
+    assert [format_number(v) for v in (None, float("nan"), float("inf"), "text")] == ["n/a"] * 4
+    assert format_number(float("nan"), missing="-") == "-"
+    assert format_number(12.345, 1, fixed=True) == "12.3" and format_number(12345.6, 1, fixed=True) == "12,346"
+
+
+def test_cpu_name_reads_proc_cpuinfo():
+    from varweight_kernels.backends import cpu_name
+
+    name = cpu_name()
+    assert name and "\n" not in name
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as fh:
+            assert any(line.startswith("model name") and line.split(":", 1)[1].strip() == name for line in fh)

@@ -16,6 +16,7 @@ import fcntl
 import fnmatch
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -32,8 +33,8 @@ from .config import TrainConfig, TrainError
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_MARKER", "LOCK_FILE", "TOLERATED", "TIMING_FIELDS", "LOG_FIELDS",
            "checkpoint_dir", "latest_checkpoint", "folder_kind", "foreign_files", "check_run_folder",
            "lock_run_folder", "release_run_folder", "run_folder_lock", "check_writable", "clear_run", "write_json_atomic",
-           "write_run_config", "mark_done", "MetricsLog", "new_accumulator", "interval_record",
-           "format_record", "say", "warn"]
+           "write_run_config", "mark_done", "MetricsLog", "read_metrics", "new_accumulator", "interval_record",
+           "format_record", "format_number", "say", "warn"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "binstats.npz", "persample.npz", "DONE", "samples.npz", "samples.png",
              "index.md")
@@ -264,23 +265,19 @@ class MetricsLog:
         if not self.enabled:
             return
         if os.path.exists(self.path):
+            try:
+                records = read_metrics(self.path)
+            except ValueError as exc:
+                raise TrainError(f"{exc}; remove the line to resume") from None
             keep = []
-            with open(self.path) as fh:
-                for number, line in enumerate(fh, 1):
-                    try:
-                        rec = json.loads(line)
-                    except ValueError:
-                        continue  # a line cut by a crash
-                    if not (isinstance(rec, dict) and type(rec.get("step", 0)) is int):
-                        raise TrainError(f"{self.path} line {number} is not a metrics record (an object with an "
-                                         "integer step); remove the line to resume")
-                    if rec.get("step", 0) > step:
+            for rec in records:
+                if rec.get("step", 0) > step:
+                    continue
+                if rec.get("final"):
+                    rec = {k: v for k, v in rec.items() if k == "step" or k not in LOG_FIELDS}
+                    if len(rec) == 1:
                         continue
-                    if rec.get("final"):
-                        rec = {k: v for k, v in rec.items() if k == "step" or k not in LOG_FIELDS}
-                        if len(rec) == 1:
-                            continue
-                    keep.append(json.dumps(rec) + "\n")
+                keep.append(json.dumps(rec) + "\n")
             ckpt.atomic_write_bytes(self.path, "".join(keep).encode())
         if os.path.exists(self.bin_path):
             try:
@@ -330,6 +327,43 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    """The records of a metrics.jsonl, in order: the one reader of the format (the trainer's
+    resume, the run index, the experiments). Blank lines and lines that are not JSON (a line cut
+    by a crash) are skipped; a JSON line that is not an object with an integer "step" (where it
+    has one) raises ``ValueError`` naming the file and the line. A missing file holds none."""
+    try:
+        fh = open(path)
+    except FileNotFoundError:
+        return []
+    records = []
+    with fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if not (isinstance(rec, dict) and type(rec.get("step", 0)) is int):
+                raise ValueError(f"{path} line {number} is not a metrics record (an object with an integer step)")
+            records.append(rec)
+    return records
+
+
+def format_number(x: Any, digits: int = 4, missing: str = "n/a", fixed: bool = False) -> str:
+    """A number for a table: ``digits`` significant digits, or with ``fixed`` ``digits`` decimals
+    (and whole numbers with thousands separators from 1000 on); ``missing`` for None, NaN, inf and
+    anything that is not a number. The one formatter of the run index and the benchmark tables."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return missing
+    if not math.isfinite(v):
+        return missing
+    if fixed:
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.{digits}f}"
+    return f"{v:.{digits}g}"
 
 
 def new_accumulator() -> Dict[str, Any]:
