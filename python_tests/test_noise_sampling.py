@@ -181,10 +181,17 @@ def test_update_from_vaw_reads_the_buffers_without_stats(monkeypatch, bins):
 
 
 @pytest.mark.parametrize("form", ["edm", "ddpm"])
-def test_update_from_vaw_stays_on_the_vaw_device(form):
+def test_update_from_vaw_stays_on_the_vaw_device(form, monkeypatch):
     """On a device the proposal and its CDF are rebuilt where the VAW buffers are: a meta VAW
-    (which refuses any copy to the host or any read of a value) works."""
+    (which refuses any copy to the host or any read of a value) works, and after the first
+    update nothing more is copied from the host to the device."""
     _, vaw = _fed_vaw()
+    vaw = vaw.to("meta")
     s = make_noise_sampler("vaw-is", make_formulation(form), num_bins=16, logsnr_range=(-12.0, 12.0))
-    s.update_from_vaw(vaw.to("meta"))
+    s.update_from_vaw(vaw)
     assert s._P.device.type == "meta" and s._cdf.device.type == "meta" and s.C.device.type == "meta"
+    copied = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: copied.append(t.device.type) or real_to(t, *a, **k))
+    s.update_from_vaw(vaw)
+    assert "cpu" not in copied, copied

@@ -130,7 +130,7 @@ class VAWImportanceSampler:
         if not bool(self.valid.any()):
             raise ValueError(f"no bin of {(lmin, lmax)} overlaps the formulation's log-SNR bounds {(lo_b, hi_b)}")
         self._tables: Dict[torch.device, Dict[str, torch.Tensor]] = {}  # the fixed tables per device
-        self._foreign: Dict[Tuple[int, float, float], torch.Tensor] = {}  # bin maps from other grids
+        self._foreign: Dict[tuple, torch.Tensor] = {}  # bin maps from other grids, per device
         self._warm_seen = False
         # statistics (float64, on the device of the last update_from_vaw): EMA mean M, EMA mean
         # square Q, EMA normaliser Z, count C; weight table
@@ -291,10 +291,11 @@ class VAWImportanceSampler:
         if include_weight is not None:
             self.include_weight = bool(include_weight)
         lmin, lmax = vaw.config.logsnr_range
-        key = (vaw.config.num_bins, float(lmin), float(lmax))
-        if key not in self._foreign:
-            self._foreign[key] = self._select(torch.linspace(lmin, lmax, key[0] + 1, dtype=torch.float64))
-        sel = self._foreign[key].to(vaw.M.device)
+        key = (vaw.config.num_bins, float(lmin), float(lmax), vaw.M.device)
+        if key not in self._foreign:  # copied to the device once, not every step
+            edges = torch.linspace(lmin, lmax, vaw.config.num_bins + 1, dtype=torch.float64)
+            self._foreign[key] = self._select(edges).to(vaw.M.device)
+        sel = self._foreign[key]
         mean, var = bin_mean_var(vaw.M, vaw.Q, vaw.Z)
         self._set_stats(mean, var + mean ** 2, vaw.C.double(), vaw.weight.double(), sel)
 
