@@ -49,10 +49,11 @@ except ImportError:  # running from a checkout that is not installed
     import varweight_kernels  # noqa: F401
 
 from varweight_kernels import VarianceAwareWeighting, available_backends, reference  # noqa: E402
-from varweight_kernels.backends import backend_reason, get_backend  # noqa: E402
+from varweight_kernels.backends import backend_reason, cpu_name, get_backend  # noqa: E402
 from varweight_kernels.backends.reference import ReferenceBackend  # noqa: E402
 from varweight_kernels.config import as_kernel_params  # noqa: E402
 from varweight_kernels.ops import STATE_NAMES, VAWFunction  # noqa: E402
+from varweight_kernels.training.run_dir import format_number  # noqa: E402
 
 FULL_BATCHES = (128, 4096, 65536, 1 << 20)
 FULL_BINS = (64, 1024)
@@ -305,17 +306,8 @@ def measure_shape(batch: int, num_bins: int, peers: Sequence[str], repeats: int,
 # Report
 # --------------------------------------------------------------------------------------------
 def machine_info(threads: int) -> Dict[str, object]:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     return {
-        "cpu": model, "logical_cpus": os.cpu_count(), "threads": threads,
+        "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "threads": threads,
         "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "backends": available_backends(), "cpu_isa": _cpu_isa(),
@@ -332,11 +324,7 @@ def _cpu_isa() -> str:
 
 
 def _fmt(x: float, digits: int = 1) -> str:
-    if x != x:  # NaN
-        return "-"
-    if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}f}"
+    return format_number(x, digits, missing="-", fixed=True)
 
 
 def format_table(cells: Sequence[Cell]) -> str:

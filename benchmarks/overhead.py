@@ -48,7 +48,7 @@ except ImportError:
     import varweight_kernels  # noqa: F401
 
 from varweight_kernels import VarianceAwareWeighting  # noqa: E402
-from varweight_kernels.backends import resolve_backend  # noqa: E402
+from varweight_kernels.backends import cpu_name, resolve_backend  # noqa: E402
 
 
 def make_config(preset: str, device: str, batch_size: Optional[int], backend: str, weighting: str):
@@ -182,7 +182,7 @@ def run(preset: str, device: torch.device, random_data: bool, vaw_backends: List
                      "peak_mem_mib": peaks[c.label] / 2**20 if device.type == "cuda" else None,
                      "weighting_ms": _median_ms(c.weighting_s), "observer_ms": _median_ms(c.observer_s),
                      "block_ms": [t * 1e3 for t in times[c.label]], "last_loss": losses.get(c.label)})
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "preset": preset, "data": "random uint8 3x32x32" if random_data else cfg0.dataset,
             "batch_size": cfg0.batch_size, "channels": cfg0.channels, "channel_mults": list(cfg0.channel_mults),
             "params_m": sum(p.numel() for p in configs[0].model.parameters()) / 1e6,
@@ -196,17 +196,6 @@ def run(preset: str, device: torch.device, random_data: bool, vaw_backends: List
 
 def _median_ms(values: List[float]) -> Optional[float]:
     return statistics.median(values) * 1e3 if values else None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(result: Dict[str, object], command: str) -> str:

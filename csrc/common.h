@@ -5,6 +5,7 @@
 #include "bin_update.h"
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/DeviceType.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
@@ -98,6 +99,51 @@ inline void check_moments(const at::Tensor& moments, int64_t K) {
   TORCH_CHECK(moments.dim() == 1 && moments.numel() == 3 * K + 1 && moments.scalar_type() == at::kDouble,
               "varweight: moments must be a 1-D float64 tensor of length 3K+1 = ", 3 * K + 1, ", got ",
               moments.scalar_type(), " of shape ", moments.sizes());
+}
+
+// The library of one device type was handed a tensor of another. The prologues below have already
+// checked that all of an op's tensors share one device, so checking one tensor checks them all.
+inline void check_device_type(const at::Tensor& t, c10::DeviceType type, const char* what) {
+  TORCH_CHECK(t.device().type() == type, "varweight: the ", c10::DeviceTypeName(type), " kernel got ", what, " on ",
+              t.device(), "; use the backend of the tensors' device");
+}
+
+// The op prologues, the same on every device: each returns only after every argument is checked.
+inline void check_forward_args(const at::Tensor& loss, const at::Tensor& lam, const at::Tensor& weight,
+                               c10::DeviceType type) {
+  check_inputs(loss, lam, weight);
+  check_device_type(loss, type, "loss");
+}
+
+inline Params check_update_args(const at::Tensor& moments, const at::Tensor& M, const at::Tensor& Q,
+                                const at::Tensor& Z, const at::Tensor& C, const at::Tensor& weight,
+                                const at::Tensor& step, const at::Tensor& nonfinite, c10::ArrayRef<double> params,
+                                c10::DeviceType type) {
+  const Params p = parse_params(params);
+  check_state(M, Q, Z, C, weight, step, nonfinite);
+  check_moments(moments, M.numel());
+  TORCH_CHECK(moments.device() == M.device(), "varweight: moments must be on the state's device ", M.device(),
+              ", got ", moments.device());
+  check_device_type(M, type, "the state");
+  return p;
+}
+
+// check_inputs puts loss and weight on one device and check_state puts weight and the state on one.
+inline Params check_step_args(const at::Tensor& loss, const at::Tensor& lam, const at::Tensor& M, const at::Tensor& Q,
+                              const at::Tensor& Z, const at::Tensor& C, const at::Tensor& weight,
+                              const at::Tensor& step, const at::Tensor& nonfinite, c10::ArrayRef<double> params,
+                              c10::DeviceType type) {
+  const Params p = parse_params(params);
+  check_inputs(loss, lam, weight);
+  check_state(M, Q, Z, C, weight, step, nonfinite);
+  check_device_type(loss, type, "loss");
+  return p;
+}
+
+inline void check_scale_grad_args(const at::Tensor& grad, const at::Tensor& w, c10::ScalarType dtype,
+                                  c10::DeviceType type) {
+  check_scale_grad(grad, w, dtype);
+  check_device_type(w, type, "w");
 }
 
 }  // namespace varweight

@@ -37,6 +37,26 @@ def test_vaw_power_anneals_linearly_over_updates():
     assert powers == [-1.0, -0.5, 0.0, 0.5, 1.0, 1.0]  # set before each update from the updates so far
 
 
+def test_vaw_power_anneal_reads_the_step_once(monkeypatch):
+    """Issue 25: int(vaw.step) every step was a host sync; the count is kept on the host and read
+    again only after a state load."""
+    kw = dict(num_bins=4, logsnr_range=(-4.0, 4.0), min_count=1, power=-1.0, backend="reference", power_end=1.0,
+              anneal_steps=4)
+    w = make_weighting("vaw", **kw)
+    reads = []
+    real_int = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(t.shape) or real_int(t))
+    lam = torch.linspace(-3.5, 3.5, 16)
+    for _ in range(3):
+        w(_terms(torch.rand(16) + 0.5), lam)
+    assert len(reads) == 1
+    resumed = make_weighting("vaw", **kw)
+    with pytest.warns(RuntimeWarning, match="another config"):  # the saved power is the annealed one
+        resumed.load_state_dict(w.state_dict())
+    resumed(_terms(torch.rand(16) + 0.5), lam)
+    assert len(reads) == 2 and resumed.vaw.config.power == 0.5  # 3 updates done: -1 + 3/4 * 2
+
+
 def test_vaw_with_cauchy_prior_multiplies_the_weights():
     kw = dict(num_bins=4, logsnr_range=(-4.0, 4.0), min_count=1, backend="reference")
     prior = make_weighting("vaw", prior_alpha=0.05, **kw)

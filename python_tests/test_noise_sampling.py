@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
+from varweight_kernels import VarianceAwareWeighting
 from varweight_kernels.training.formulations import make_formulation
 from varweight_kernels.training.noise_sampling import make_noise_sampler
 
@@ -17,11 +18,16 @@ def _toy_loss(lam: torch.Tensor) -> torch.Tensor:
 
 
 def _warm(sampler, seed=0, reps=4):
+    """Feed toy losses over the whole log-SNR range to a VAW module on the sampler's grid, and
+    hand its statistics over as the trainer does."""
+    vaw = VarianceAwareWeighting(num_bins=sampler.K, logsnr_range=sampler.logsnr_range, min_count=sampler.min_count,
+                                 backend="reference")
     g = torch.Generator().manual_seed(seed)
     lam = torch.linspace(-12.5, 12.5, 4001, dtype=torch.float64)
     for _ in range(reps):
         noise = 1.0 + 0.5 * torch.rand(lam.numel(), generator=g, dtype=torch.float64)
-        sampler.observe(lam.float(), (_toy_loss(lam) * noise).float())
+        vaw((_toy_loss(lam) * noise).float(), lam.float())
+    sampler.update_from_vaw(vaw)
     assert sampler.warm
     return sampler
 
@@ -113,8 +119,6 @@ def test_deterministic_given_generator_and_state_roundtrip():
 
 
 def test_cold_sampler_is_default_and_update_from_vaw():
-    from varweight_kernels import VarianceAwareWeighting
-
     f = make_formulation("edm")
     s = make_noise_sampler("vaw-is", f, num_bins=16, logsnr_range=(-12.0, 12.0))
     assert not s.warm
@@ -147,3 +151,47 @@ def test_invalid_arguments():
         make_noise_sampler("vaw-is", f, mix=0.0)
     with pytest.raises(ValueError):
         make_noise_sampler("vaw-is", f, statistic="median")
+
+
+def _fed_vaw(num_bins=16, steps=20):
+    f = make_formulation("edm")
+    vaw = VarianceAwareWeighting(num_bins=num_bins, logsnr_range=(-12.0, 12.0), min_count=4, backend="reference")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        lam = f.logsnr(f.sample_levels(128, g, "cpu"))
+        vaw(_toy_loss(lam).float() * (1 + torch.rand(128, generator=g)), lam)
+    return f, vaw
+
+
+@pytest.mark.parametrize("bins", [16, 24])
+def test_update_from_vaw_reads_the_buffers_without_stats(monkeypatch, bins):
+    """The per-step update takes the buffers as they are (issue 25: it called stats(), five host
+    copies); it agrees bit for bit with handing over stats() by hand, also across grids."""
+    f, vaw = _fed_vaw()
+    by_hand = make_noise_sampler("vaw-is", f, num_bins=bins, logsnr_range=(-12.0, 12.0))
+    st = vaw.stats()
+    by_hand.update_from_stats(st["mean"], st["var"] + st["mean"] ** 2, st["count"], st["weight"],
+                              bin_edges=st["bin_edges"])
+    monkeypatch.setattr(vaw, "stats", lambda: pytest.fail("update_from_vaw called stats()"))
+    s = make_noise_sampler("vaw-is", f, num_bins=bins, logsnr_range=(-12.0, 12.0))
+    s.update_from_vaw(vaw)
+    assert s.warm and torch.equal(s.probs(), by_hand.probs())
+    for x, y in zip(s.sample(64, torch.Generator().manual_seed(4)), by_hand.sample(64, torch.Generator().manual_seed(4))):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("form", ["edm", "ddpm"])
+def test_update_from_vaw_stays_on_the_vaw_device(form, monkeypatch):
+    """On a device the proposal and its CDF are rebuilt where the VAW buffers are: a meta VAW
+    (which refuses any copy to the host or any read of a value) works, and after the first
+    update nothing more is copied from the host to the device."""
+    _, vaw = _fed_vaw()
+    vaw = vaw.to("meta")
+    s = make_noise_sampler("vaw-is", make_formulation(form), num_bins=16, logsnr_range=(-12.0, 12.0))
+    s.update_from_vaw(vaw)
+    assert s._P.device.type == "meta" and s._cdf.device.type == "meta" and s.C.device.type == "meta"
+    copied = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: copied.append(t.device.type) or real_to(t, *a, **k))
+    s.update_from_vaw(vaw)
+    assert "cpu" not in copied, copied

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 import torch
 
+from varweight_kernels.training.config import TrainConfig
 from varweight_kernels.training.data import (BatchIterator, DatasetUnavailable, from_model_range, load_dataset,
                                              to_model_range)
 from varweight_kernels.training.formulations import LossTerms, make_formulation
 from varweight_kernels.training.rng import STREAMS, derive_seed, get_rng_states, make_generators, set_rng_states
-from varweight_kernels.training.samplers import ddim, ddpm_ancestral, heun_karras, karras_sigmas, sample_images
+from varweight_kernels.training.samplers import ddim, ddpm_ancestral, heun_karras, karras_sigmas
+from varweight_kernels.training.sampling import generate
 from varweight_kernels.training.unet import UNet
 from varweight_kernels.training.weightings import make_weighting
 
@@ -269,20 +271,27 @@ def test_ddpm_samplers_gaussian_and_tiny_model():
     assert x.std().item() == pytest.approx(s, rel=0.03)
     torch.manual_seed(0)
     m = tiny_unet("positional")
-    for sampler in ("ddim", "ancestral"):
-        a = sample_images(f, m, 3, (1, 8, 8), torch.Generator().manual_seed(1), steps=5, sampler=sampler)
-        b = sample_images(f, m, 3, (1, 8, 8), torch.Generator().manual_seed(1), steps=5, sampler=sampler,
-                          batch_size=3)
-        assert a.shape == (3, 1, 8, 8) and torch.equal(a, b) and a.abs().max() <= 1
-    assert m.training
+    for sampler in ("ddim", "ddpm"):
+        a = _generate("ddpm", sampler, m, 3, batch=2)
+        assert a.shape == (3, 1, 8, 8) and a.dtype == torch.uint8
+        assert torch.equal(a, _generate("ddpm", sampler, m, 3, batch=2))  # the generator alone decides
 
 
-def test_sample_images_edm():
+def _generate(formulation, sampler, model, n, batch, seed=1):
+    """The trainer's dispatcher, as evaluations and --sample-only call it (5 sampler steps)."""
+    cfg = TrainConfig(formulation=formulation, sampler=sampler, sample_steps=5)
+    return generate(cfg, make_formulation(formulation), model, n, (1, 8, 8), torch.device("cpu"),
+                    torch.Generator().manual_seed(seed), batch=batch)
+
+
+def test_generate_edm():
     torch.manual_seed(0)
     m = tiny_unet("fourier")
-    f = make_formulation("edm")
-    x = sample_images(f, m, 5, (1, 8, 8), torch.Generator().manual_seed(2), steps=4, batch_size=2)
-    assert x.shape == (5, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1
+    x = _generate("edm", "auto", m, 5, batch=2, seed=2)
+    assert x.shape == (5, 1, 8, 8) and x.dtype == torch.uint8
+    # Heun draws its noise once per batch, in order: batches of 2 see the noise of one batch of 5
+    assert torch.equal(x, _generate("edm", "heun", m, 5, batch=5, seed=2))
+    assert not torch.equal(x, _generate("edm", "heun", m, 5, batch=5, seed=3))
 
 
 # ---------------------------------------------------------------------------- data

@@ -210,6 +210,18 @@ def test_fused_switch_is_read_from_the_environment(monkeypatch):
     assert not triton_vaw.TritonBackend().fused
 
 
+def test_scalar_cache_is_bounded():
+    """Issue 25: one device tensor per distinct parameter set, forever; an annealed power (a
+    reconfigure every step) grew it by one a step. Now the most recently used few are kept."""
+    backend = triton_vaw.TritonBackend()
+    cpu = torch.device("cpu")
+    first = backend._scalar_tensor([1.0, 2.0], cpu)
+    for power in range(100):
+        backend._scalar_tensor([1.0, float(power)], cpu)
+        assert backend._scalar_tensor([1.0, 2.0], cpu) is first  # in use every step: kept, not re-uploaded
+    assert len(backend._scalars) <= triton_vaw.SCALAR_SLOTS
+
+
 def test_fused_geometry_is_bounded():
     """Fused geometry: at most max_programs programs covering every sample, bin tiles covering every bin."""
     for batch in (1, 31, 1537, 100_000, 2 ** 24, 2 ** 26):

@@ -529,17 +529,10 @@ void update_from(const double* n, const double* s, const double* q, double nonfi
   }
 }
 
-void check_cpu(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu(), "varweight: the C++ CPU kernel got ", what, " on ", t.device(),
-              "; use the 'cuda' backend for CUDA tensors");
-}
-
 // Backward of a step on CPU: grad * w / B in float32, cast to the loss dtype, with the roundings
 // of reference.scale_grad (float32 product, IEEE float32 division, one cast), in one loop.
 at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& w_in, at::ScalarType dtype) {
-  check_scale_grad(grad, w_in, dtype);
-  TORCH_CHECK(w_in.device().is_cpu() && grad.device().is_cpu(), "varweight: scale_grad_cpu got tensors on ",
-              w_in.device());
+  check_scale_grad_args(grad, w_in, dtype, at::kCPU);
   const at::Tensor w = w_in.contiguous();
   const int64_t B = w.numel();
   const float g = grad.to(at::kFloat).item<float>();
@@ -560,8 +553,7 @@ at::Tensor scale_grad_cpu(const at::Tensor& grad, const at::Tensor& w_in, at::Sc
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_moments_cpu(const at::Tensor& loss, const at::Tensor& lam,
                                                                    const at::Tensor& weight, double lmin,
                                                                    double bin_scale, bool training) {
-  check_inputs(loss, lam, weight);
-  check_cpu(loss, "loss");
+  check_forward_args(loss, lam, weight, at::kCPU);
   at::Tensor out, w;
   std::vector<double> sums;
   forward_impl(loss, lam, weight, lmin, bin_scale, out, w, sums);
@@ -575,12 +567,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_moments_cpu(const at::Ten
 void update_cpu(const at::Tensor& moments, const at::Tensor& M, const at::Tensor& Q, const at::Tensor& Z,
                 const at::Tensor& C, const at::Tensor& weight, const at::Tensor& step, const at::Tensor& nonfinite,
                 c10::ArrayRef<double> params) {
-  const Params p = parse_params(params);
-  check_state(M, Q, Z, C, weight, step, nonfinite);
-  check_cpu(M, "the state");
+  const Params p = check_update_args(moments, M, Q, Z, C, weight, step, nonfinite, params, at::kCPU);
   const int64_t K = M.numel();
-  check_moments(moments, K);
-  check_cpu(moments, "moments");
   const at::Tensor mom = moments.contiguous();
   const double* m = mom.const_data_ptr<double>();
   update_from(m, m + K, m + 2 * K, m[3 * K], M, Q, Z, C, weight, step, nonfinite, p);
@@ -591,11 +579,7 @@ std::tuple<at::Tensor, at::Tensor> step_cpu(const at::Tensor& loss, const at::Te
                                             const at::Tensor& weight, const at::Tensor& step,
                                             const at::Tensor& nonfinite, c10::ArrayRef<double> params,
                                             bool training) {
-  const Params p = parse_params(params);
-  check_inputs(loss, lam, weight);
-  check_state(M, Q, Z, C, weight, step, nonfinite);
-  check_cpu(loss, "loss");
-  check_cpu(M, "the state");
+  const Params p = check_step_args(loss, lam, M, Q, Z, C, weight, step, nonfinite, params, at::kCPU);
   at::Tensor out, w;
   std::vector<double> sums;
   forward_impl(loss, lam, weight, p.lmin, p.bin_scale, out, w, sums);

@@ -576,11 +576,6 @@ __global__ void scale_grad_vec_kernel(const grad_t* __restrict__ grad, const flo
   }
 }
 
-void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* what) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "varweight: the CUDA kernel needs ", what, " on ",
-              ref.device(), ", got ", t.device());
-}
-
 struct PassOut {
   at::Tensor partials;
   int64_t blocks;
@@ -729,8 +724,7 @@ bool cuda_fused_kernels(int64_t request) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_moments_cuda(const at::Tensor& loss_in, const at::Tensor& lam_in,
                                                                     const at::Tensor& weight_in, double lmin,
                                                                     double bin_scale, bool training) {
-  check_inputs(loss_in, lam_in, weight_in);
-  check_cuda(loss_in, loss_in, "loss");
+  check_forward_args(loss_in, lam_in, weight_in, at::kCUDA);
   const c10::cuda::CUDAGuard guard(loss_in.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor loss = loss_in.contiguous();
@@ -750,12 +744,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_moments_cuda(const at::Te
 void update_cuda(const at::Tensor& moments_in, const at::Tensor& M, const at::Tensor& Q, const at::Tensor& Z,
                  const at::Tensor& C, const at::Tensor& weight, const at::Tensor& step, const at::Tensor& nonfinite,
                  c10::ArrayRef<double> params) {
-  const Params p = parse_params(params);
-  check_state(M, Q, Z, C, weight, step, nonfinite);
-  check_cuda(M, M, "the state");
+  const Params p = check_update_args(moments_in, M, Q, Z, C, weight, step, nonfinite, params, at::kCUDA);
   const int64_t K = M.numel();
-  check_moments(moments_in, K);
-  check_cuda(moments_in, M, "moments");
   const c10::cuda::CUDAGuard guard(M.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor moments = moments_in.contiguous();
@@ -769,11 +759,7 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const at::Tensor& loss_in, const at
                                              const at::Tensor& weight, const at::Tensor& step,
                                              const at::Tensor& nonfinite, c10::ArrayRef<double> params,
                                              bool training) {
-  const Params p = parse_params(params);
-  check_inputs(loss_in, lam_in, weight);
-  check_state(M, Q, Z, C, weight, step, nonfinite);
-  check_cuda(loss_in, loss_in, "loss");
-  check_cuda(M, loss_in, "the state");
+  const Params p = check_step_args(loss_in, lam_in, M, Q, Z, C, weight, step, nonfinite, params, at::kCUDA);
   const c10::cuda::CUDAGuard guard(loss_in.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor loss = loss_in.contiguous();
@@ -791,9 +777,7 @@ std::tuple<at::Tensor, at::Tensor> step_cuda(const at::Tensor& loss_in, const at
 }
 
 at::Tensor scale_grad_cuda(const at::Tensor& grad_in, const at::Tensor& w_in, at::ScalarType dtype) {
-  check_scale_grad(grad_in, w_in, dtype);
-  check_cuda(w_in, w_in, "w");
-  check_cuda(grad_in, w_in, "grad");
+  check_scale_grad_args(grad_in, w_in, dtype, at::kCUDA);
   const c10::cuda::CUDAGuard guard(w_in.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor grad = grad_in.contiguous();

@@ -7,6 +7,7 @@ reason, never a silent fallback. Backend modules are imported only when first as
 from __future__ import annotations
 
 import importlib
+import platform
 from typing import Dict, List, Optional
 
 import torch
@@ -14,8 +15,8 @@ import torch
 from .base import Backend, triton_interpret
 from .registry import BACKEND_NAMES, SPECS, auto_order
 
-__all__ = ["Backend", "BACKEND_NAMES", "available_backends", "backend_reason", "get_backend", "machine_reason",
-           "resolve_backend"]
+__all__ = ["Backend", "BACKEND_NAMES", "available_backends", "backend_reason", "cpu_name", "get_backend",
+           "machine_reason", "resolve_backend"]
 
 _INSTANCES: Dict[str, Backend] = {}
 _RESOLVED: Dict[tuple, Backend] = {}
@@ -47,6 +48,19 @@ def machine_reason(name: str) -> Optional[str]:
     """None when backend ``name`` runs on some device of this machine; otherwise why it cannot."""
     reasons = [backend_reason(name, device) for device in _local_devices()]
     return None if any(r is None for r in reasons) else reasons[-1]
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what ``platform`` knows): the one reader
+    behind the benchmark reports and the run pins' machine fingerprint."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def available_backends() -> List[str]:

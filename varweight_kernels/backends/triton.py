@@ -25,6 +25,7 @@ the variable must be set before this module is imported to run on CPU tensors.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -411,14 +412,18 @@ if triton is not None:
 KERNELS_INTERPRETED = triton is not None and not isinstance(_finalize_kernel, triton.runtime.JITFunction)
 
 
+SCALAR_SLOTS = 4  # parameter sets kept on the device: the train and eval modules of a few runs
+
+
 class TritonBackend(Backend):
     """Registered as "triton": CUDA tensors, and CPU tensors under ``TRITON_INTERPRET=1``."""
 
 
     def __init__(self) -> None:
-        # float64 scalars live on the device (Triton passes Python floats as float32); one
-        # upload per (values, device), never per step.
-        self._scalars: Dict[Tuple[Tuple[float, ...], torch.device], torch.Tensor] = {}
+        # float64 scalars live on the device (Triton passes Python floats as float32); one upload
+        # per (values, device) while they stay among the SCALAR_SLOTS most recently used. A
+        # reconfigure every step (an annealed power) uploads once per step and keeps no more.
+        self._scalars: "OrderedDict[Tuple[Tuple[float, ...], torch.device], torch.Tensor]" = OrderedDict()
         # The fused step's ticket counters (one int32 per device and stream, zero between steps).
         self._tickets: Dict[Tuple[torch.device, int], torch.Tensor] = {}
         # True: a training ``step`` is the one-launch ``_fused_step_kernel`` (VARWEIGHT_FUSED_KERNELS).
@@ -442,8 +447,12 @@ class TritonBackend(Backend):
 
     def _scalar_tensor(self, values: Sequence[float], device: torch.device) -> torch.Tensor:
         key = (tuple(float(v) for v in values), device)
-        if key not in self._scalars:
+        if key in self._scalars:
+            self._scalars.move_to_end(key)
+        else:
             self._scalars[key] = torch.tensor(key[0], dtype=torch.float64, device=device)
+            while len(self._scalars) > SCALAR_SLOTS:
+                self._scalars.popitem(last=False)
         return self._scalars[key]
 
     def _partials(self, loss, lam, weight, scalars, training):

@@ -1,4 +1,4 @@
-"""Sample-quality evaluation: Frechet distances (FID on CIFAR, classifier FD on digits).
+"""Sample-quality evaluation: Frechet distances (FID on CIFAR, classifier FD on digits), computed by torch-fidelity.
 
 Names are loaded lazily so ``python -m varweight_kernels.evaluation.digits_classifier`` runs cleanly.
 """
@@ -6,7 +6,6 @@ from importlib import import_module
 
 _EXPORTS = {
     "FIDEvaluator": ".fid", "FIDUnavailable": ".fid", "FID_REFERENCES": ".fid", "resolve_inception_weights": ".fid",
-    "frechet_distance": ".frechet", "frechet_distance_from_features": ".frechet", "gaussian_statistics": ".frechet",
 }
 __all__ = sorted(_EXPORTS)
 

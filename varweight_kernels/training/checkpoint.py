@@ -37,9 +37,9 @@ import torch
 
 __all__ = ["CheckpointError", "FORMAT_NAME", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint",
            "list_checkpoints", "checkpoint_path", "load_latest_good", "prune_checkpoints", "CheckpointUnreadable",
-           "clean_temp_files", "check_plain", "atomic_write_bytes", "WriteError", "write_reason", "SAVE_SLEEP_ENV",
-           "CKPT_RE", "temp_target", "fsync_dir", "NotRegularFile", "file_kind", "open_regular", "read_regular",
-           "has_header"]
+           "clean_temp_files", "check_plain", "atomic_write", "atomic_write_bytes", "WriteError", "write_reason",
+           "SAVE_SLEEP_ENV", "CKPT_RE", "temp_target", "fsync_dir", "NotRegularFile", "file_kind", "open_regular",
+           "read_regular", "has_header"]
 
 FORMAT_NAME = "varweight-checkpoint"
 FORMAT_VERSION = 1
@@ -159,24 +159,33 @@ def read_regular(path: str, follow_links: bool = False) -> bytes:
 
 
 def atomic_write_bytes(path: str, data, sleep_halfway: float = 0.0) -> None:
-    """Write ``data`` to ``path`` atomically: a fresh temp file in the same folder (created with
+    """Write ``data`` to ``path`` atomically (see ``atomic_write``)."""
+    view = memoryview(data)
+
+    def write(fh) -> None:
+        if sleep_halfway > 0:
+            half = len(view) // 2
+            fh.write(view[:half])
+            fh.flush()
+            time.sleep(sleep_halfway)
+            fh.write(view[half:])
+        else:
+            fh.write(view)
+
+    atomic_write(path, write)
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Let ``write`` fill ``path`` atomically: a fresh temp file in the same folder (created with
     O_EXCL | O_NOFOLLOW, so a planted link is never followed), fsync, rename over ``path`` (which
     replaces a link there rather than writing through it), fsync the folder. On failure the temp
     file is removed and ``WriteError`` names ``path``, which keeps its old content (or stays absent)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}")
-    view = memoryview(data)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         with open(fd, "wb") as fh:
-            if sleep_halfway > 0:
-                half = len(view) // 2
-                fh.write(view[:half])
-                fh.flush()
-                time.sleep(sleep_halfway)
-                fh.write(view[half:])
-            else:
-                fh.write(view)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -191,23 +200,57 @@ def atomic_write_bytes(path: str, data, sleep_halfway: float = 0.0) -> None:
     fsync_dir(folder)
 
 
+class _WrapperFile:
+    """The file ``torch.save`` streams the wrapper into. It keeps a failed write's ``OSError``
+    (``torch.save`` reports it as a ``RuntimeError``) and sleeps once, after half of ``total``
+    bytes, for ``SAVE_SLEEP_ENV`` (the fault tests' window to kill a save half-way)."""
+
+    def __init__(self, fh: BinaryIO, total: int, seconds: float) -> None:
+        self.fh, self.left, self.seconds = fh, total // 2, seconds
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            n = self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        self.left -= len(memoryview(data))
+        if self.seconds > 0 and self.left <= 0:
+            self.fh.flush()
+            time.sleep(self.seconds)
+            self.seconds = 0.0
+        return n
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """Serialise ``state`` (plain data only) into the checksummed wrapper and write it atomically."""
+    """Serialise ``state`` (plain data only) into the checksummed wrapper and write it atomically.
+    One serialised copy is held in memory: the wrapper's payload is a view of it, and the
+    wrapper streams into the file."""
     check_plain(state)
     buf = io.BytesIO()
     torch.save(state, buf)
     raw = buf.getbuffer()
     digest = hashlib.sha256(raw).hexdigest()
-    payload = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if len(raw) else torch.empty(0, dtype=torch.uint8)
-    del raw, buf
+    payload = torch.frombuffer(raw, dtype=torch.uint8) if len(raw) else torch.empty(0, dtype=torch.uint8)
     wrapper = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "sha256": digest,
                "payload_bytes": int(payload.numel()), "payload": payload}
-    out = io.BytesIO()
-    torch.save(wrapper, out)
-    del wrapper, payload
     sleep = float(os.environ.get(SAVE_SLEEP_ENV, "0") or 0)
+
+    def write(fh: BinaryIO) -> None:
+        sink = _WrapperFile(fh, len(raw), sleep)
+        try:
+            torch.save(wrapper, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
     try:
-        atomic_write_bytes(path, out.getbuffer(), sleep_halfway=sleep)
+        atomic_write(path, write)
     except WriteError as exc:
         raise CheckpointError(f"could not write checkpoint {path}: {exc.reason}; "
                               "the previous checkpoints are intact") from None

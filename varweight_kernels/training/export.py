@@ -299,7 +299,7 @@ def generate_pretrained(net: torch.nn.Module, meta: Dict[str, Any], num_samples:
     (``sampling`` overrides ``sampler``, ``sample_steps``, ``rho`` or ``amp``). With the run's seed
     (the default) and settings these are the samples ``--sample-only`` writes."""
     from .builders import autocast_context
-    from .rng import derive_seed
+    from .rng import sample_generator
     from .sampling import generate
 
     settings = {k: v for k, v in meta["sampling"].items() if k != "seed"}
@@ -309,7 +309,7 @@ def generate_pretrained(net: torch.nn.Module, meta: Dict[str, Any], num_samples:
     edm_range = {k: form["kwargs"][k] for k in ("sigma_min", "sigma_max") if k in form["kwargs"]}
     cfg = TrainConfig().replace(dict(formulation=form["name"], **edm_range, **settings)).validate()
     device = torch.device(device)
-    g = torch.Generator().manual_seed(derive_seed(seed, "sample", 0))
+    g = sample_generator(seed)
     shape = (int(meta["in_channels"]), int(meta["image_size"]), int(meta["image_size"]))
     return generate(cfg, make_pretrained_formulation(meta), net, num_samples, shape, device, g,
                     autocast=autocast_context(cfg, device))

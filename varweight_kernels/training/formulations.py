@@ -69,10 +69,6 @@ class EDMFormulation:
         self.sigma_data, self.P_mean, self.P_std = float(sigma_data), float(P_mean), float(P_std)
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
-    def config(self) -> dict:
-        return {"name": self.name, "sigma_data": self.sigma_data, "P_mean": self.P_mean, "P_std": self.P_std,
-                "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}
-
     # -- levels ---------------------------------------------------------------------------
     def sample_levels(self, batch: int, generator: torch.Generator, device=None) -> torch.Tensor:
         z = _normal(batch, generator, device)
@@ -161,10 +157,6 @@ class DDPMFormulation:
         self._cell_width = (edges[1:] - edges[:-1]).flip(0)  # indexed by t
         self._edges = (float(lo), float(hi))
         self._cache = {}
-
-    def config(self) -> dict:
-        return {"name": self.name, "num_timesteps": self.num_timesteps, "beta_start": self.beta_start,
-                "beta_end": self.beta_end}
 
     def _on(self, name: str, device) -> torch.Tensor:
         key = (name, str(device))

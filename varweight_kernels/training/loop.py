@@ -14,7 +14,8 @@
     backward; all-reduce (DDP); clip; skip if non-finite; AdamW; EMA
 
 The step reads one thing back from the device, whether it was finite (and whether a rank was
-signalled to stop); the logged metrics are summed on the device and read at log time.
+signalled to stop), and with vaw-is one more until its proposal is warm; the logged metrics are
+summed on the device and read at log time.
 
 RNG streams (``rng.derive_seed(seed, stream, rank)``), each its own ``torch.Generator`` on the
 CPU (device-independent draws) except "noise" on CUDA, which draws the image-sized noise on the

@@ -4,8 +4,8 @@ importance sampling from VAW-style per-bin loss statistics ("vaw-is", issue 6).
 ``make_noise_sampler("default" | "vaw-is", formulation, ...)`` returns an object with
 ``sample(batch, generator, device) -> (level, lam, is_weight)`` (each (B,) on ``device``;
 ``level`` as the formulation's ``sample_levels`` gives it, ``lam = formulation.logsnr(level)``
-float32, ``is_weight`` float32), ``observe(lam, loss)``, ``update_from_vaw(vaw)``,
-``update_from_stats(...)``, ``probs()``, ``state_dict()`` / ``load_state_dict()`` (plain tensors).
+float32, ``is_weight`` float32), ``update_from_vaw(vaw)``, ``update_from_stats(...)``,
+``probs()``, ``state_dict()`` / ``load_state_dict()`` (plain CPU tensors).
 
 vaw-is
 ------
@@ -38,8 +38,13 @@ sampling is exactly the default (``is_weight = 1``).
 Determinism / DDP: ``sample`` draws only from the generator passed in (inverse-CDF sampling
 with float64 CDFs, 2 uniforms per sample on the generator's device). The proposal is a pure
 function of the statistics; those must be identical on all ranks: ``update_from_vaw`` reads a
-``VarianceAwareWeighting``'s buffers (all-reduced by the module), and ``observe`` all-reduces
-its per-bin sums when ``torch.distributed`` is initialised with world size > 1.
+``VarianceAwareWeighting``'s buffers (all-reduced by the module).
+
+Host syncs: ``update_from_vaw`` (called every training step) reads the VAW buffers where they
+live and rebuilds the proposal and its CDF there, in float64, with no copy to the host. Until
+the sampler is warm, ``sample`` reads one flag back to choose between the default and the
+proposal (it cannot be decided on the device: the two draw differently from the generator);
+once warm it stays warm (VAW's counts only grow) and reads nothing.
 """
 from __future__ import annotations
 
@@ -72,9 +77,6 @@ class DefaultNoiseSampler:
         lam = self.formulation.logsnr(level).to(level.device)
         return level, lam, torch.ones(batch, dtype=torch.float32, device=level.device)
 
-    def observe(self, lam: torch.Tensor, loss: torch.Tensor, sync: Optional[bool] = None) -> None:
-        pass
-
     def update_from_vaw(self, vaw, include_weight: Optional[bool] = None) -> None:
         pass
 
@@ -99,15 +101,12 @@ class VAWImportanceSampler:
     name = "vaw-is"
 
     def __init__(self, formulation, num_bins: int = 64, logsnr_range: Optional[Tuple[float, float]] = None,
-                 mix: float = 0.02, decay: float = 0.99, min_count: int = 16, statistic: str = "rms",
-                 power: float = 1.0, include_weight: bool = True, warmup_samples: Optional[int] = None,
-                 sync: bool = True) -> None:
+                 mix: float = 0.02, min_count: int = 16, statistic: str = "rms", power: float = 1.0,
+                 include_weight: bool = True, warmup_samples: Optional[int] = None) -> None:
         if int(num_bins) < 1:
             raise ValueError(f"num_bins must be >= 1, got {num_bins}")
         if not (0.0 < mix <= 1.0):
             raise ValueError(f"mix must be in (0, 1], got {mix}")
-        if not (0.0 < decay < 1.0):
-            raise ValueError(f"decay must be in (0, 1), got {decay}")
         if statistic not in STATISTICS:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         if min_count < 0 or (warmup_samples is not None and warmup_samples < 0):
@@ -119,10 +118,9 @@ class VAWImportanceSampler:
         if not lmin < lmax:
             raise ValueError(f"logsnr_range must have lmin < lmax, got {(lmin, lmax)}")
         self.logsnr_range = (lmin, lmax)
-        self.mix, self.decay, self.min_count = float(mix), float(decay), int(min_count)
+        self.mix, self.min_count = float(mix), int(min_count)
         self.statistic, self.power, self.include_weight = statistic, float(power), bool(include_weight)
         self.warmup_samples = int(self.K * self.min_count if warmup_samples is None else warmup_samples)
-        self.sync = bool(sync)
         self.edges = torch.linspace(lmin, lmax, self.K + 1, dtype=torch.float64)
         self.discrete = callable(getattr(formulation, "level_probs", None))
         if self.discrete:
@@ -132,7 +130,11 @@ class VAWImportanceSampler:
         self.valid = self.base_mass > 0
         if not bool(self.valid.any()):
             raise ValueError(f"no bin of {(lmin, lmax)} overlaps the formulation's log-SNR bounds {(lo_b, hi_b)}")
-        # statistics (float64, CPU): EMA mean M, EMA mean square Q, EMA normaliser Z, count C; weight table
+        self._tables: Dict[torch.device, Dict[str, torch.Tensor]] = {}  # the fixed tables per device
+        self._foreign: Dict[tuple, torch.Tensor] = {}  # bin maps from other grids, per device
+        self._warm_seen = False
+        # statistics (float64, on the device of the last update_from_vaw): EMA mean M, EMA mean
+        # square Q, EMA normaliser Z, count C; weight table
         self.M = torch.zeros(self.K, dtype=torch.float64)
         self.Q = torch.zeros(self.K, dtype=torch.float64)
         self.Z = torch.zeros(self.K, dtype=torch.float64)
@@ -148,6 +150,13 @@ class VAWImportanceSampler:
         lmin, lmax = self.logsnr_range
         f = ((lam - lmin) * (self.K / (lmax - lmin))).floor().clamp(0, self.K - 1)
         return torch.nan_to_num(f, nan=0.0).long()
+
+    def _on(self, dev: torch.device) -> Dict[str, torch.Tensor]:
+        """The fixed tables (grid, base distribution) on ``dev``, copied there once."""
+        if dev not in self._tables:
+            names = ("valid", "base_mass") + (("level_bin", "level_prob") if self.discrete else ("lo", "width"))
+            self._tables[dev] = {name: getattr(self, name).to(dev) for name in names}
+        return self._tables[dev]
 
     def _setup_continuous(self, lo_b: float, hi_b: float) -> None:
         lo = self.edges[:-1].clamp(lo_b, hi_b)
@@ -187,33 +196,37 @@ class VAWImportanceSampler:
 
     @property
     def warm(self) -> bool:
-        ready = (self.C >= max(self.min_count, 1)) & self.valid
-        return bool(ready.any()) and float(self.C.sum()) >= self.warmup_samples
+        """Whether ``sample`` draws from the proposal (a read from the device until it first is)."""
+        if not self._warm_seen:
+            self._warm_seen = bool(self._warm)
+        return self._warm_seen
 
     def _refresh(self) -> None:
-        valid = self.valid
-        base = self.base_mass / self.base_mass.sum()
+        """Rebuild the proposal and its CDF from the statistics, on their device, without a host read."""
+        tab = self._on(self.C.device)
+        valid, base_mass = tab["valid"], tab["base_mass"]
+        base = base_mass / base_mass.sum()
         uniform = valid.double() / valid.double().sum()
-        if self.warm:
-            r = self._bin_statistic()
-            ready = (self.C >= max(self.min_count, 1)) & valid & torch.isfinite(r)
-            fill = (r[ready] * self.C[ready]).sum() / self.C[ready].sum()
-            r = torch.where(ready, r, fill).clamp_min(0.0) ** self.power
-            tilt = base * r
-            tilt = tilt / tilt.sum() if float(tilt.sum()) > 0 and bool(torch.isfinite(tilt).all()) else base
-            P = (1.0 - self.mix) * tilt + self.mix * uniform
-        else:
-            P = base.clone()
+        ready = (self.C >= max(self.min_count, 1)) & valid
+        self._warm = ready.any() & (self.C.sum() >= self.warmup_samples)
+        r = self._bin_statistic()
+        ready = ready & torch.isfinite(r)
+        fill = _ready_sum(r * self.C, ready) / _ready_sum(self.C, ready)
+        r = torch.where(ready, r, fill).clamp_min(0.0) ** self.power
+        tilt = base * r
+        total = tilt.sum()
+        tilt = torch.where((total > 0) & torch.isfinite(tilt).all(), tilt / total, base)
+        P = torch.where(self._warm, (1.0 - self.mix) * tilt + self.mix * uniform, base)
         P = torch.where(valid, P, torch.zeros_like(P))
         self._P = P / P.sum()
         if self.discrete:
             # q_t = P_k * p_t / m_k for t in bin k
-            m = self.base_mass[self.level_bin]
-            self._q_level = self._P[self.level_bin] * self.level_prob / torch.where(m > 0, m, torch.ones_like(m))
+            level_bin = tab["level_bin"]
+            m = base_mass[level_bin]
+            self._q_level = self._P[level_bin] * tab["level_prob"] / torch.where(m > 0, m, torch.ones_like(m))
             self._cdf = self._cumsum(self._q_level)
         else:
             self._cdf = self._cumsum(self._P)
-        self._dev_cache: Dict[str, Tuple[torch.Tensor, ...]] = {}
 
     @staticmethod
     def _cumsum(p: torch.Tensor) -> torch.Tensor:
@@ -221,49 +234,14 @@ class VAWImportanceSampler:
         return cdf / cdf[-1]
 
     def probs(self) -> torch.Tensor:
-        """Probability of drawing each bin, (K,) float64 (the target of ``sample``)."""
-        return self._P.clone()
+        """Probability of drawing each bin, (K,) float64 on the CPU (the target of ``sample``)."""
+        return self._P.cpu().clone()
 
     def base_probs(self) -> torch.Tensor:
         """Probability of each bin under the default distribution, (K,) float64."""
         return self.base_mass / self.base_mass.sum()
 
     # -- updates ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def observe(self, lam: torch.Tensor, loss: torch.Tensor, sync: Optional[bool] = None) -> None:
-        """Fold a batch of UNweighted per-sample losses into the per-bin EMAs (VAW's EMA rule:
-        ``a = decay ** n_k``). Non-finite samples are skipped. With torch.distributed initialised
-        (world size > 1) and ``sync`` the per-bin sums are all-reduced first, so every rank
-        ends with the same proposal."""
-        lam = lam.detach().reshape(-1)
-        loss = loss.detach().reshape(-1)
-        if lam.shape != loss.shape:
-            raise ValueError(f"lam and loss must have one shape, got {tuple(lam.shape)} and {tuple(loss.shape)}")
-        dev = loss.device
-        ok = torch.isfinite(loss) & ~torch.isnan(lam)
-        idx = self.bin_index(lam.to(dev)).to(dev)
-        L = torch.where(ok, loss.double(), torch.zeros_like(loss, dtype=torch.float64))
-        okd = ok.double()
-        sums = torch.zeros(3 * self.K, dtype=torch.float64, device=dev)
-        sums[: self.K].index_add_(0, idx, okd)
-        sums[self.K: 2 * self.K].index_add_(0, idx, L)
-        sums[2 * self.K:].index_add_(0, idx, L * L)
-        sync = self.sync if sync is None else sync
-        if sync and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(sums)
-        sums = sums.cpu()
-        n, s, q = sums[: self.K], sums[self.K: 2 * self.K], sums[2 * self.K:]
-        has = n > 0
-        a = torch.where(has, torch.full_like(n, self.decay) ** n, torch.ones_like(n))
-        nn_ = torch.where(has, n, torch.ones_like(n))
-        self.M = torch.where(has, a * self.M + (1 - a) * s / nn_, self.M)
-        self.Q = torch.where(has, a * self.Q + (1 - a) * q / nn_, self.Q)
-        self.Z = torch.where(has, a * self.Z + (1 - a), self.Z)
-        self.C = self.C + n
-        self.updates += 1
-        self._refresh()
-
     @torch.no_grad()
     def update_from_stats(self, mean, second_moment, count, weight=None, bin_edges=None) -> None:
         """Replace the statistics with given per-bin values (already identical on all ranks).
@@ -283,9 +261,17 @@ class VAWImportanceSampler:
             e = torch.as_tensor(bin_edges).double().cpu().reshape(-1)
             if e.numel() != mean.numel() + 1:
                 raise ValueError(f"bin_edges must have {mean.numel() + 1} entries, got {e.numel()}")
-            centres = 0.5 * (self.edges[:-1] + self.edges[1:])
-            kf = mean.numel()
-            sel = ((centres - e[0]) * (kf / (e[-1] - e[0]))).floor().clamp(0, kf - 1).long()
+            sel = self._select(e)
+        self._warm_seen = False  # given statistics may hold fewer counts than the last ones
+        self._set_stats(mean, m2, count, w, sel)
+
+    def _select(self, e: torch.Tensor) -> torch.Tensor:
+        """The bin of the foreign grid ``e`` that holds each of this grid's bin centres."""
+        centres = 0.5 * (self.edges[:-1] + self.edges[1:])
+        kf = e.numel() - 1
+        return ((centres - e[0]) * (kf / (e[-1] - e[0]))).floor().clamp(0, kf - 1).long()
+
+    def _set_stats(self, mean, m2, count, w, sel) -> None:
         mean, m2, count, w = mean[sel], m2[sel], count[sel], w[sel]
         seen = count > 0
         self.M = torch.where(seen, mean, torch.zeros_like(mean))
@@ -296,26 +282,25 @@ class VAWImportanceSampler:
         self.updates += 1
         self._refresh()
 
+    @torch.no_grad()
     def update_from_vaw(self, vaw, include_weight: Optional[bool] = None) -> None:
         """Take the statistics of a ``VarianceAwareWeighting`` (its buffers are all-reduced under
-        DDP, so this is rank-identical). One small device->host copy."""
+        DDP, so this is rank-identical), on the device they live on: no host copy. VAW's counts
+        only grow, so a warm sampler stays warm."""
+        from ..reference import bin_mean_var
+
         if include_weight is not None:
             self.include_weight = bool(include_weight)
-        st = vaw.stats()
-        self.update_from_stats(st["mean"], st["var"] + st["mean"] ** 2, st["count"], st["weight"],
-                               bin_edges=st["bin_edges"])
+        lmin, lmax = vaw.config.logsnr_range
+        key = (vaw.config.num_bins, float(lmin), float(lmax), vaw.M.device)
+        if key not in self._foreign:  # copied to the device once, not every step
+            edges = torch.linspace(lmin, lmax, vaw.config.num_bins + 1, dtype=torch.float64)
+            self._foreign[key] = self._select(edges).to(vaw.M.device)
+        sel = self._foreign[key]
+        mean, var = bin_mean_var(vaw.M, vaw.Q, vaw.Z)
+        self._set_stats(mean, var + mean ** 2, vaw.C.double(), vaw.weight.double(), sel)
 
     # -- sampling ---------------------------------------------------------------------------------
-    def _on(self, dev: torch.device) -> Tuple[torch.Tensor, ...]:
-        key = str(dev)
-        if key not in self._dev_cache:
-            if self.discrete:
-                vals = (self._cdf, self._q_level, self.level_prob)
-            else:
-                vals = (self._cdf, self._P, self.lo, self.width)
-            self._dev_cache[key] = tuple(v.to(dev) for v in vals)
-        return self._dev_cache[key]
-
     @torch.no_grad()
     def sample(self, batch: int, generator: torch.Generator, device=None):
         if not self.warm:
@@ -324,24 +309,24 @@ class VAWImportanceSampler:
             self.last_bins = self.bin_index(lam)
             return level, lam, torch.ones(batch, dtype=torch.float32, device=level.device)
         gdev = _gen_device(generator)
+        home = self._cdf.device  # the proposal's device: the uniforms go there in one copy
+        tab = self._on(home)
         u = torch.rand(batch, generator=generator, device=gdev, dtype=torch.float64)
         if self.discrete:
-            cdf, q_level, p_level = self._on(gdev)
-            t = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.numel() - 1)
-            # guard against zero-probability levels picked by rounding at the CDF's top
+            t = torch.searchsorted(self._cdf, u.to(home), right=True).clamp_max(self._cdf.numel() - 1)
             level = t
-            is_w = p_level[t] / q_level[t]
-            self.last_bins = self.level_bin.to(gdev)[t]
+            is_w = tab["level_prob"][t] / self._q_level[t]
+            self.last_bins = tab["level_bin"][t]
         else:
-            cdf, P, lo, width = self._on(gdev)
-            k = torch.searchsorted(cdf, u, right=True).clamp_max(self.K - 1)
             v = torch.rand(batch, generator=generator, device=gdev, dtype=torch.float64)
-            lam64 = lo[k] + v * width[k]
-            q = P[k] / width[k]
-            is_w = self.formulation.logsnr_density(lam64).double().to(gdev) / q
+            u, v = torch.stack([u, v]).to(home)
+            k = torch.searchsorted(self._cdf, u, right=True).clamp_max(self.K - 1)
+            lam64 = tab["lo"][k] + v * tab["width"][k]
+            q = self._P[k] / tab["width"][k]
+            is_w = self.formulation.logsnr_density(lam64).double().to(home) / q
             level = self.formulation.level_from_logsnr(lam64)
             self.last_bins = k
-        dev = gdev if device is None else torch.device(device)
+        dev = home if device is None else torch.device(device)
         level = level.to(dev)
         lam = self.formulation.logsnr(level).to(dev)
         self.last_bins = self.last_bins.to(dev)
@@ -349,8 +334,9 @@ class VAWImportanceSampler:
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {"edges": self.edges.clone(), "M": self.M.clone(), "Q": self.Q.clone(), "Z": self.Z.clone(),
-                "C": self.C.clone(), "weight": self.weight.clone(), "updates": self.updates.clone()}
+        return {"edges": self.edges.clone(), "M": self.M.cpu().clone(), "Q": self.Q.cpu().clone(),
+                "Z": self.Z.cpu().clone(), "C": self.C.cpu().clone(), "weight": self.weight.cpu().clone(),
+                "updates": self.updates.clone()}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         missing = [k for k in ("edges", "M", "Q", "Z", "C", "weight", "updates") if k not in state]
@@ -367,15 +353,22 @@ class VAWImportanceSampler:
                 raise RuntimeError(f"vaw-is sampler state {name!r} is not {self.K} finite values")
             setattr(self, name, v.clone())
         self.updates = torch.as_tensor(state["updates"]).to(torch.int64).reshape(()).clone()
+        self._warm_seen = False
         self._refresh()
 
 
 def make_noise_sampler(name: str, formulation, **kw):
     """``"default"`` (no options) or ``"vaw-is"`` (options of :class:`VAWImportanceSampler`:
-    ``num_bins, logsnr_range, mix, decay, min_count, statistic, power, include_weight,
-    warmup_samples, sync``)."""
+    ``num_bins, logsnr_range, mix, min_count, statistic, power, include_weight,
+    warmup_samples``)."""
     if name == "default":
         return DefaultNoiseSampler(formulation)
     if name == "vaw-is":
         return VAWImportanceSampler(formulation, **kw)
     raise ValueError(f"unknown noise sampling {name!r}; choose one of {NOISE_SAMPLERS}")
+
+
+def _ready_sum(x: torch.Tensor, ready: torch.Tensor) -> torch.Tensor:
+    """The sum of ``x`` over the ready bins. On the CPU over the selected elements, in the order
+    the pinned runs summed them; on a device as a masked sum (selecting would wait for the device)."""
+    return x[ready].sum() if x.device.type == "cpu" else torch.where(ready, x, torch.zeros_like(x)).sum()

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import io
 import json
+import math
 import os
 import re
 import stat
@@ -35,7 +36,7 @@ __all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_MARKER", "LOCK_FILE", "TOLERATED", "
            "checkpoint_dir", "latest_checkpoint", "folder_kind", "is_run_path", "foreign_files", "check_run_folder",
            "lock_run_folder", "run_folder_held", "release_run_folder", "run_folder_lock", "check_writable",
            "clear_run", "no_checkpoint_advice", "write_json_atomic", "write_run_config", "mark_done", "MetricsLog",
-           "new_accumulator", "accumulate", "interval_record", "format_record", "say", "warn"]
+           "read_metrics", "new_accumulator", "interval_record", "format_record", "format_number", "say", "warn"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "binstats.npz", "persample.npz", "DONE", "samples.npz", "samples.png",
              "index.md")
@@ -344,15 +345,14 @@ class MetricsLog:
         if not self.enabled:
             return
         if os.path.lexists(self.path):
+            try:
+                records = read_metrics(self.path)
+            except OSError as exc:
+                raise TrainError(f"cannot read {self.path}: {exc.strerror or exc}; move it away to resume") from None
+            except ValueError as exc:
+                raise TrainError(f"{exc}; remove the line to resume") from None
             keep = []
-            for number, line in enumerate(_read_lines(self.path), 1):
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a crash
-                if not (isinstance(rec, dict) and type(rec.get("step", 0)) is int):
-                    raise TrainError(f"{self.path} line {number} is not a metrics record (an object with an "
-                                     "integer step); remove the line to resume")
+            for rec in records:
                 if rec.get("step", 0) > step:
                     continue
                 if rec.get("final") and not keep_final:
@@ -444,20 +444,46 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text.strip() else type(exc).__name__
 
 
-def _read_lines(path: str) -> List[str]:
-    """The lines of a metrics.jsonl the run reads back: a regular file of UTF-8 text (one line
-    error otherwise; a link is not read through, a FIFO not waited on)."""
+def read_metrics(path: str) -> List[Dict[str, Any]]:
+    """The records of a metrics.jsonl, in order: the one reader of the format (the trainer's
+    resume, the run index, the experiments). Only a regular file is read (never through a link,
+    never waiting on a FIFO: ``OSError`` otherwise); a missing file holds none. Blank lines and
+    lines that are not JSON (a line cut by a crash) are skipped; a line that is not UTF-8, or JSON
+    that is not an object with an integer "step" (where it has one), raises ``ValueError`` naming
+    the file and the line."""
     try:
         data = ckpt.read_regular(path)
-    except OSError as exc:
-        raise TrainError(f"cannot read {path}: {exc.strerror or exc}; move it away to resume") from None
-    lines = data.splitlines(keepends=True)
-    for number, line in enumerate(lines, 1):
+    except FileNotFoundError:
+        return []
+    records = []
+    for number, raw in enumerate(data.splitlines(), 1):
         try:
-            line.decode("utf-8")
+            line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise TrainError(f"{path} line {number} is not UTF-8 text; remove the line to resume") from None
-    return [line.decode("utf-8") for line in lines]
+            raise ValueError(f"{path} line {number} is not UTF-8 text") from None
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if not (isinstance(rec, dict) and type(rec.get("step", 0)) is int):
+            raise ValueError(f"{path} line {number} is not a metrics record (an object with an integer step)")
+        records.append(rec)
+    return records
+
+
+def format_number(x: Any, digits: int = 4, missing: str = "n/a", fixed: bool = False) -> str:
+    """A number for a table: ``digits`` significant digits, or with ``fixed`` ``digits`` decimals
+    (and whole numbers with thousands separators from 1000 on); ``missing`` for None, NaN, inf and
+    anything that is not a number. The one formatter of the run index and the benchmark tables."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return missing
+    if not math.isfinite(v):
+        return missing
+    if fixed:
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.{digits}f}"
+    return f"{v:.{digits}g}"
 
 
 def new_accumulator() -> Dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -71,8 +70,10 @@ def _image(target: str, out: str, alt: str) -> str:
 
 
 def _fmt(value: Any) -> str:
+    """A config or metric value: numbers by ``run_dir.format_number``, lists joined."""
+    from .run_dir import format_number
     if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
+        return format_number(value)
     if isinstance(value, list):
         return ",".join(str(v) for v in value) if value else "none"
     return str(value)
@@ -115,21 +116,25 @@ def _config_section(out: str) -> List[str]:
 
 
 def latest_metrics(path: str) -> Dict[str, Tuple[Any, int]]:
-    """Every metric's latest value in a metrics.jsonl and its step (lines cut by a crash skipped)."""
+    """Every metric's latest value in a metrics.jsonl and its step (read by ``run_dir.read_metrics``:
+    lines cut by a crash skipped, a line that is not a record a ``ValueError``)."""
+    from .run_dir import read_metrics
     latest: Dict[str, Tuple[Any, int]] = {}
-    for line in (_read_text(path) or "").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            step = rec.get("step", 0)
-            latest.update({k: (v, step) for k, v in rec.items() if k not in ("step", "final")})
+    try:
+        records = read_metrics(path)
+    except (OSError, ValueError):  # not a regular file, or a crafted line: the index shows no metrics
+        records = []
+    for rec in records:
+        step = rec.get("step", 0)
+        latest.update({k: (v, step) for k, v in rec.items() if k not in ("step", "final")})
     return latest
 
 
 def _metrics_section(out: str) -> List[str]:
-    latest = latest_metrics(os.path.join(out, "metrics.jsonl"))
+    try:
+        latest = latest_metrics(os.path.join(out, "metrics.jsonl"))
+    except (OSError, ValueError) as exc:  # the index never fails a run: it says what it could not read
+        return ["## Latest metrics", "", f"Not readable: {exc}"]
     if not latest:
         return []
     rows = [f"| {k} | {_fmt(v)} | {step} |" for k, (v, step) in latest.items()]

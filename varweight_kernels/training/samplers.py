@@ -9,7 +9,8 @@ then moved to ``device``), so a sample is reproducible from the generator's stat
 - ``ddpm_ancestral`` / ``ddim``: ``denoiser(x, t) -> x0`` with ``t`` int64 timesteps (B,);
   ``alphas_cumprod`` (T,) of the training schedule; ``steps`` < T respaces the schedule to
   evenly spaced timesteps.
-- ``sample_images(formulation, model, num, shape, generator, steps)`` dispatches by formulation.
+
+The trainer's dispatcher (sampler by config, batches, uint8 output) is ``sampling.generate``.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["karras_sigmas", "heun_karras", "respaced_timesteps", "ddpm_ancestral", "ddim", "sample_images"]
+__all__ = ["karras_sigmas", "heun_karras", "respaced_timesteps", "ddpm_ancestral", "ddim"]
 
 
 def _randn(shape, generator: Optional[torch.Generator], device) -> torch.Tensor:
@@ -123,52 +124,3 @@ def ddim(denoiser: Callable, shape: Sequence[int], generator: Optional[torch.Gen
         if sig > 0 and i > 0:
             x = x + sig * _randn(x.shape, generator, x.device)
     return x
-
-
-@torch.no_grad()
-def sample_images(formulation, model, num: int, shape: Sequence[int], generator: Optional[torch.Generator],
-                  steps: Optional[int] = None, device=None, batch_size: Optional[int] = None,
-                  sampler: Optional[str] = None) -> torch.Tensor:
-    """``num`` samples in [-1, 1] as a float32 CPU tensor (num, C, H, W).
-
-    ``shape`` is the per-image (C, H, W) (a 4-tuple's batch entry is ignored). EDM uses
-    ``heun_karras`` (default 50 steps, the formulation's sigma range); DDPM uses ``"ddim"``
-    (default, 50 steps) or ``sampler="ancestral"`` (default all T steps). Batches of
-    ``batch_size`` (default: all at once) draw from ``generator`` in order. The model runs in
-    eval mode; its previous mode is restored."""
-    shape = tuple(shape)[-3:]
-    if device is None:
-        p = next(iter(model.parameters()), None)
-        device = p.device if p is not None else torch.device("cpu")
-    batch_size = int(batch_size or num)
-    name = getattr(formulation, "name", None)
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        done = 0
-        while done < num:
-            b = min(batch_size, num - done)
-            if name == "edm":
-                if sampler not in (None, "heun"):
-                    raise ValueError(f"EDM supports sampler 'heun', got {sampler!r}")
-                x = heun_karras(lambda x, s: formulation.denoise(model, x, s), (b,) + shape, generator,
-                                steps=steps or 50, sigma_min=formulation.sigma_min,
-                                sigma_max=formulation.sigma_max, device=device)
-            elif name == "ddpm":
-                den = lambda x, t: formulation.denoise(model, x, t)  # noqa: E731
-                if sampler in (None, "ddim"):
-                    x = ddim(den, (b,) + shape, generator, formulation.alphas_cumprod, steps=steps or 50,
-                             device=device)
-                elif sampler == "ancestral":
-                    x = ddpm_ancestral(den, (b,) + shape, generator, formulation.alphas_cumprod, steps=steps,
-                                       device=device)
-                else:
-                    raise ValueError(f"DDPM supports samplers 'ddim' and 'ancestral', got {sampler!r}")
-            else:
-                raise ValueError(f"no sampler for formulation {name!r}")
-            out.append(x.clamp(-1, 1).float().cpu())
-            done += b
-    finally:
-        model.train(was_training)
-    return torch.cat(out)

@@ -1,8 +1,8 @@
 """Images from the EMA model: generation (one rank or all), PNG grids, the per-sample loss
 dump, the evaluation during training (grids, FID), and ``--sample-only``.
 
-Sampler noise comes from the "sample" stream, re-created at every evaluation, so every
-evaluation of every run with the same seed draws the same noise.
+Sampler noise comes from the "sample" stream (``rng.sample_generator``), re-created at every
+evaluation, so every evaluation of every run with the same seed draws the same noise.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .builders import autocast_context, build_model
 from .config import TrainConfig, TrainError
 from .distributed import DistInfo, broadcast_object, resolve_device
-from .rng import derive_seed
+from .rng import derive_seed, sample_generator
 from .run_dir import checkpoint_dir, lock_run_folder, release_run_folder, say, warn
 
 __all__ = ["to_uint8", "generate", "generate_distributed", "save_grid", "grid_scale", "save_persample", "make_scorer",
@@ -61,7 +61,7 @@ def generate(cfg: TrainConfig, formulation, net: torch.nn.Module, n: int, shape,
 
 def generate_distributed(cfg, formulation, net, n, shape, device, d: DistInfo, autocast) -> Optional[torch.Tensor]:
     """Every rank draws its share with its own "sample" stream; rank 0 gets all ``n`` images."""
-    g = torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", d.rank))
+    g = sample_generator(cfg.seed, d.rank)
     share = -(-n // d.world)
     imgs = generate(cfg, formulation, net, share, shape, device, g, autocast=autocast)
     if d.world == 1:
@@ -221,7 +221,7 @@ class Evaluation:
     def write_step_grid(self, step: int, net: torch.nn.Module) -> None:
         """samples_stepXXXXXXXX.png: a grid from the "sample" stream, the same noise at every step."""
         cfg = self.cfg
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "sample", 0))
+        g = sample_generator(cfg.seed)
         grid = generate(cfg, self.formulation, net, cfg.grid_size, self.shape, self.device, g, autocast=self.autocast)
         save_grid(grid, os.path.join(cfg.out, f"samples_step{step:08d}.png"))
 
@@ -248,9 +248,9 @@ def load_run_network(cfg: TrainConfig, which: str = "ema") -> RunNetwork:
     """The ``which`` ("ema" or "raw") weights of the latest good checkpoint in ``cfg.out``, loaded
     strictly into the network its saved config builds."""
     from .formulations import make_formulation
-    from .state import checkpoint_config
+    from .state import checkpoint_config, read_latest_good
 
-    path, state = ckpt.load_latest_good(checkpoint_dir(cfg.out), warn=warn, quarantine=False)
+    path, state = read_latest_good(checkpoint_dir(cfg.out), warn=warn, quarantine=False)
     run_cfg = checkpoint_config(path, state).replace(
         {k: getattr(cfg, k) for k in ("device", "sampler", "sample_steps", "rho", "num_samples", "amp")})
     formulation = make_formulation(run_cfg.formulation, **run_cfg.formulation_kwargs())
@@ -286,7 +286,7 @@ def _sample_only(cfg: TrainConfig, d: DistInfo) -> str:
     run_cfg = run.config
     device = resolve_device(run_cfg, d)
     net = run.net.to(device)
-    g = torch.Generator().manual_seed(derive_seed(run_cfg.seed, "sample", 0))
+    g = sample_generator(run_cfg.seed)
     imgs = generate(run_cfg, run.formulation, net, cfg.num_samples, run.image_shape, device, g,
                     autocast=autocast_context(run_cfg, device))
     npz = os.path.join(out, "samples.npz")

@@ -12,8 +12,9 @@ layout does; a checkpoint of another version is refused with a clear error.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -24,7 +25,8 @@ from .distributed import DistInfo, all_gather_objects, broadcast_object
 from .rng import derive_seed, get_rng_states, set_rng_states
 from .run_dir import checkpoint_dir, folder_kind, new_accumulator, no_checkpoint_advice, warn
 
-__all__ = ["STATE_VERSION", "TrainState", "ResumePoint", "read_resume_point", "saved_config", "checkpoint_config"]
+__all__ = ["STATE_VERSION", "TrainState", "ResumePoint", "read_resume_point", "saved_config", "checkpoint_config",
+           "read_latest_good"]
 
 STATE_VERSION = 1
 
@@ -40,6 +42,19 @@ def checkpoint_config(path: str, state: Dict[str, Any]) -> TrainConfig:
         raise TrainError(f"checkpoint {path} holds a bad config: {exc}") from None
 
 
+# The checkpoint saved_config read, for the read that follows it (--resume, --sample-only and
+# --export read the config first, then the state): one slot, taken by the next read_latest_good.
+_PEEKED: Dict[str, Any] = {}
+
+
+def _identity(path: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def saved_config(out: str) -> TrainConfig:
     """The config of the latest good checkpoint in ``out`` (read only: nothing is quarantined)."""
     if not ckpt.list_checkpoints(checkpoint_dir(out)):
@@ -47,7 +62,30 @@ def saved_config(out: str) -> TrainConfig:
             raise TrainError(no_checkpoint_advice(out))
         raise TrainError(f"no run in {out} to continue (no checkpoint in {checkpoint_dir(out)})")
     path, state = ckpt.load_latest_good(checkpoint_dir(out), warn=lambda msg: None, quarantine=False)
+    _PEEKED.clear()
+    _PEEKED.update(path=path, identity=_identity(path), state=state)
     return checkpoint_config(path, state)
+
+
+def _peeked_or_load(path: str) -> Dict[str, Any]:
+    """The checkpoint at ``path``: the one ``saved_config`` already read and verified if it is that
+    unchanged file, else read and verified now."""
+    peeked = dict(_PEEKED)
+    _PEEKED.clear()
+    if peeked and peeked["path"] == path and _identity(path) == peeked["identity"]:
+        return peeked["state"]
+    return ckpt.load_checkpoint(path)
+
+
+def read_latest_good(folder: str, warn: Callable[[str], None], quarantine: bool) -> Tuple[str, Dict[str, Any]]:
+    """``checkpoint.load_latest_good``, except that the checkpoint ``saved_config`` just read and
+    verified, if it is still the newest file and unchanged on disk, is not read and checksummed again."""
+    peeked = dict(_PEEKED)
+    _PEEKED.clear()
+    newest = ckpt.list_checkpoints(folder)[:1]
+    if peeked and newest and newest[0][1] == peeked["path"] and _identity(peeked["path"]) == peeked["identity"]:
+        return peeked["path"], peeked["state"]
+    return ckpt.load_latest_good(folder, warn=warn, quarantine=quarantine)
 
 
 @dataclass
@@ -84,13 +122,13 @@ def _agreed_checkpoint(folder: str, d: DistInfo) -> Tuple[str, Dict[str, Any]]:
     if d.main:
         ckpt.clean_temp_files(folder)  # a save killed half-way leaves one
         try:
-            path, state = ckpt.load_latest_good(folder, warn=warn)
+            path, state = read_latest_good(folder, warn=warn, quarantine=True)
         except ckpt.CheckpointError as exc:
             error = str(exc)
     path, error = broadcast_object((path, error), d)
     if error is None and not d.main:
         try:
-            state = ckpt.load_checkpoint(path)
+            state = _peeked_or_load(path)
         except ckpt.CheckpointError as exc:
             error = f"rank {d.rank}: {exc}"
     errors = [e for e in all_gather_objects(error, d) if e is not None]

@@ -139,6 +139,10 @@ class VAWWeighting(Weighting):
         self.power_start = self.vaw.config.power
         self.power_end = self.power_start if power_end is None else float(power_end)
         self.anneal_steps = int(anneal_steps)
+        # The anneal's count of VAW updates, kept on the host: read from the device once (again
+        # after a state load), so annealing reads nothing back per step.
+        self._updates: Optional[int] = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_updates", None))
 
     @property
     def prior(self) -> Optional[lib.CauchyWeighting]:
@@ -157,7 +161,11 @@ class VAWWeighting(Weighting):
         return (self.last_weights.to(dtype) * is_weight.to(dtype) * terms.loss).mean()
 
     def _anneal_power(self) -> None:
-        done = min(int(self.vaw.step) / self.anneal_steps, 1.0)
+        """Set the power for the coming update (every training-mode call makes one)."""
+        if self._updates is None:
+            self._updates = int(self.vaw.step)
+        done = min(self._updates / self.anneal_steps, 1.0)
+        self._updates += 1
         power = self.power_start + done * (self.power_end - self.power_start)
         if power != self.vaw.config.power:
             self.vaw.reconfigure(power=power)
