@@ -238,10 +238,21 @@ def failing_load(error: BaseException, name: str = NEWEST):
     real = torch.load
 
     def load(source, *args, **kwargs):
-        if isinstance(source, (str, os.PathLike)) and os.path.basename(source) == name:
+        if os.path.basename(_path_of(source)) == name:
             raise error
         return real(source, *args, **kwargs)
     return load
+
+
+def _path_of(source) -> str:
+    """The file torch.load reads: a path, or the path behind an open file (checkpoints are read
+    from a handle opened as a regular file)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    try:
+        return os.readlink(f"/proc/self/fd/{source.fileno()}")
+    except (AttributeError, OSError, ValueError):
+        return ""
 
 
 def checkpoint_names(out) -> list:

@@ -16,7 +16,7 @@ from varweight_kernels.training.checkpoint import load_checkpoint
 from varweight_kernels.training.cli import main, parse_config
 from varweight_kernels.training.config import TrainConfig
 from varweight_kernels.weightings import CauchyWeighting
-from tiny_runs import ROOT, TINY_FLAGS, assert_runs_equal, one_thread, tiny  # noqa: F401
+from tiny_runs import ROOT, assert_runs_equal, one_thread, tiny  # noqa: F401
 from varweight_kernels.training.loop import train
 
 

@@ -107,7 +107,7 @@ def test_two_runs_bitwise_equal(device, fused):
 
 
 def _trained(backend, device, case):
-    module = VarianceAwareWeighting(**case.config, backend=backend).to(device)
+    module = VarianceAwareWeighting(**case.config, backend=backend, prior=None).to(device)
     for loss, lam in case.batches:
         module(loss.float().to(device), lam.float().to(device))
     return module
@@ -129,7 +129,7 @@ def test_eval_leaves_state_unchanged(device):
 
 
 def _fresh_state(case, device):
-    module = VarianceAwareWeighting(**case.config, backend="reference").to(device)
+    module = VarianceAwareWeighting(**case.config, backend="reference", prior=None).to(device)
     return [getattr(module, name).clone() for name in STATE_NAMES], module.config.kernel_params()
 
 
@@ -185,7 +185,7 @@ def test_launches_per_step(device, training, fused, monkeypatch):
     launches = []
     for name in ("_bin_partials_kernel", "_finalize_kernel", "_fused_step_kernel"):
         monkeypatch.setattr(triton_vaw, name, _CountingKernel(getattr(triton_vaw, name), launches))
-    module = VarianceAwareWeighting(num_bins=32, min_count=0, backend="triton").to(device).train(training)
+    module = VarianceAwareWeighting(num_bins=32, min_count=0, backend="triton", prior=None).to(device).train(training)
     module(torch.rand(300, device=device), torch.randn(300, device=device) * 6)
     assert len(launches) == (1 if fused and training else 2)
 
@@ -275,8 +275,8 @@ def test_import_without_triton():
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device, fused):
     case = edge_cases()[1]
-    module = VarianceAwareWeighting(**case.config, backend="triton").to(device)
-    expected = VarianceAwareWeighting(**case.config, backend="reference")
+    module = VarianceAwareWeighting(**case.config, backend="triton", prior=None).to(device)
+    expected = VarianceAwareWeighting(**case.config, backend="reference", prior=None)
     compiled = torch.compile(module, fullgraph=True)
     for loss64, lam64 in case.batches:
         loss = loss64.float().to(device).requires_grad_(True)

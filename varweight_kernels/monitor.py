@@ -57,7 +57,8 @@ class LogSNRMonitor(nn.Module):
         super().__init__()
         # VAW's step with power 0 and weights clamped to [1, 1]: the statistics, and weights of exactly 1.
         stats_only = VarianceAwareWeighting(num_bins, logsnr_range, decay=decay, power=0.0, min_count=0,
-                                            weight_range=(1.0, 1.0), sync=sync, backend=backend)
+                                            weight_range=(1.0, 1.0), sync=sync, backend=backend,
+                                            prior=None)
         self._bind(stats_only, updates=True, weights=False, history=history)
 
     @classmethod

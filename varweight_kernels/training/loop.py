@@ -285,7 +285,7 @@ def build_observer(cfg: TrainConfig, weighting: torch.nn.Module) -> LogSNRMonito
     changes the weighting's power, not this table).
     """
     vaw = getattr(weighting, "vaw", None)
-    own = VarianceAwareWeighting(**cfg.vaw_kwargs())
+    own = VarianceAwareWeighting(prior=None, **cfg.vaw_kwargs())
     if isinstance(vaw, VarianceAwareWeighting) and not getattr(weighting, "anneal_steps", 0) \
             and vaw.config == own.config and vaw.sync == own.sync:
         return LogSNRMonitor.of(vaw)

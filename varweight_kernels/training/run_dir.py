@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import io
 import json
-import math
 import os
 import re
 import stat
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .records import format_number, read_metrics  # noqa: F401  (re-exported: the one reader and formatter)
 from .config import TrainConfig, TrainError
 
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_MARKER", "LOCK_FILE", "TOLERATED", "TIMING_FIELDS", "LOG_FIELDS",
@@ -442,48 +442,6 @@ def _summary_writer(log_dir: str):
 def _first_line(exc: BaseException) -> str:
     text = str(exc)
     return text.splitlines()[0] if text.strip() else type(exc).__name__
-
-
-def read_metrics(path: str) -> List[Dict[str, Any]]:
-    """The records of a metrics.jsonl, in order: the one reader of the format (the trainer's
-    resume, the run index, the experiments). Only a regular file is read (never through a link,
-    never waiting on a FIFO: ``OSError`` otherwise); a missing file holds none. Blank lines and
-    lines that are not JSON (a line cut by a crash) are skipped; a line that is not UTF-8, or JSON
-    that is not an object with an integer "step" (where it has one), raises ``ValueError`` naming
-    the file and the line."""
-    try:
-        data = ckpt.read_regular(path)
-    except FileNotFoundError:
-        return []
-    records = []
-    for number, raw in enumerate(data.splitlines(), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError(f"{path} line {number} is not UTF-8 text") from None
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if not (isinstance(rec, dict) and type(rec.get("step", 0)) is int):
-            raise ValueError(f"{path} line {number} is not a metrics record (an object with an integer step)")
-        records.append(rec)
-    return records
-
-
-def format_number(x: Any, digits: int = 4, missing: str = "n/a", fixed: bool = False) -> str:
-    """A number for a table: ``digits`` significant digits, or with ``fixed`` ``digits`` decimals
-    (and whole numbers with thousands separators from 1000 on); ``missing`` for None, NaN, inf and
-    anything that is not a number. The one formatter of the run index and the benchmark tables."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return missing
-    if not math.isfinite(v):
-        return missing
-    if fixed:
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.{digits}f}"
-    return f"{v:.{digits}g}"
 
 
 def new_accumulator() -> Dict[str, Any]:

@@ -122,7 +122,7 @@ def latest_metrics(path: str) -> Dict[str, Tuple[Any, int]]:
     latest: Dict[str, Tuple[Any, int]] = {}
     try:
         records = read_metrics(path)
-    except (OSError, ValueError):  # not a regular file, or a crafted line: the index shows no metrics
+    except OSError:  # not a regular file (a link, a FIFO): never read through, the index shows no metrics
         records = []
     for rec in records:
         step = rec.get("step", 0)
