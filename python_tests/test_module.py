@@ -401,3 +401,14 @@ def test_a_state_saved_before_safetensors_still_loads(tmp_path):
     b = VarianceAwareWeighting(num_bins=8)
     b.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
     assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in STATE_NAMES)
+
+
+@pytest.mark.parametrize("kwargs", [dict(logsnr_range=(-1e300, 1e300)), dict(logsnr_range=(-1e39, 1e39)),
+                                    dict(logsnr_range=(1.0, 1.0 + 1e-12)), dict(weight_range=(0.1, 1e300)),
+                                    dict(weight_range=(1e-50, 1.0)), dict(eps=1e39)])
+def test_settings_that_overflow_float32_are_refused_at_construction(kwargs):
+    """Finite as float64 but inf, 0 or equal bounds once the kernels store them in float32: the cpp
+    backend crashed on logsnr_range=(-1e300, 1e300). Refused with the field's name instead."""
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        VarianceAwareWeighting(backend="cpp" if "cpp" in available_backends() else "reference", **kwargs)

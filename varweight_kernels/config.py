@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import asdict, dataclass
 from typing import NamedTuple, Tuple
 
@@ -32,6 +33,14 @@ def as_kernel_params(params) -> KernelParams:
 MAX_NUM_BINS = 65536
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _float32_finite(x: float) -> bool:
+    """Finite once stored in float32, as the kernels and the state store it."""
+    return math.isfinite(x) and abs(x) <= FLOAT32_MAX
+
+
 @dataclass(frozen=True)
 class VAWConfig:
     """Hyper-parameters of VAW. Construction validates every field and names the bad one."""
@@ -54,19 +63,26 @@ class VAWConfig:
         if len(self.logsnr_range) != 2:
             raise ValueError(f"logsnr_range must be a pair (lmin, lmax), got {self.logsnr_range!r}")
         lmin, lmax = self.logsnr_range
-        if not (math.isfinite(lmin) and math.isfinite(lmax) and lmin < lmax):
-            raise ValueError(f"logsnr_range must be finite with lmin < lmax, got {self.logsnr_range!r}")
+        if not (_float32_finite(lmin) and _float32_finite(lmax) and lmin < lmax):
+            raise ValueError(f"logsnr_range must be finite in float32 with lmin < lmax, got {self.logsnr_range!r}")
+        # the kernels bin with float32 lmin and K / (lmax - lmin): both must survive the rounding
+        scale32 = struct.unpack("f", struct.pack("f", self.num_bins / (lmax - lmin)))[0] if lmax - lmin < math.inf else 0.0
+        lo32, hi32 = (struct.unpack("f", struct.pack("f", v))[0] for v in (lmin, lmax))
+        if not (lo32 < hi32 and 0.0 < scale32 < math.inf):
+            raise ValueError(f"logsnr_range {self.logsnr_range!r} with num_bins={self.num_bins} cannot be binned in "
+                             "float32 (the bounds round together, or the bin width over- or underflows)")
         if not (0.0 < self.decay < 1.0):
             raise ValueError(f"decay must lie in (0, 1), got {self.decay!r}")
         if not math.isfinite(self.power):
             raise ValueError(f"power must be finite, got {self.power!r}")
-        if not (self.eps >= 0.0 and math.isfinite(self.eps)):
+        if not (self.eps >= 0.0 and _float32_finite(self.eps)):
             raise ValueError(f"eps must be finite and >= 0, got {self.eps!r}")
         if len(self.weight_range) != 2:
             raise ValueError(f"weight_range must be a pair (wmin, wmax), got {self.weight_range!r}")
         wmin, wmax = self.weight_range
-        if not (wmin > 0.0 and wmin <= wmax and math.isfinite(wmax)):
-            raise ValueError(f"weight_range must satisfy 0 < wmin <= wmax < inf, got {self.weight_range!r}")
+        if not (wmin > 0.0 and wmin <= wmax and _float32_finite(wmax) and struct.unpack("f", struct.pack("f", wmin))[0] > 0):
+            raise ValueError(f"weight_range must satisfy 0 < wmin <= wmax, both finite and nonzero in float32, got "
+                             f"{self.weight_range!r}")
         for name in ("min_count", "warmup_steps", "ramp_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
