@@ -220,7 +220,10 @@ def _check_run_entries(out: str, resume: bool) -> None:
         name = rel.rstrip("/")
         if not _is_run_file(name) or name == LOCK_FILE:
             continue
-        mode = os.lstat(os.path.join(out, name)).st_mode
+        try:
+            mode = os.lstat(os.path.join(out, name)).st_mode
+        except FileNotFoundError:  # gone since the listing: another rank's write probe, a renamed temp file
+            continue
         if stat.S_ISDIR(mode) or (resume and name == "metrics.jsonl" and not stat.S_ISREG(mode)):
             raise TrainError(f"{os.path.join(out, name)} is {ckpt.file_kind(mode)}, where the "
                              "run keeps a file of that name; move it away")
