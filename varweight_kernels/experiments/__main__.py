@@ -67,37 +67,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "sigma per seed, population variance (ours, the default, stays in the report)")
     args = ap.parse_args(own)
     if args.cmd == "confirm":
-        return _confirm(args, passthrough)
+        return _guarded(lambda: _confirm(args, passthrough))
     if args.cmd in ("run", "ablation"):
-        try:
-            if args.cmd == "run":
-                from .runner import run_experiment
-
-                res = run_experiment(args.out, args.methods, args.seeds, preset=args.preset, grid=args.grid,
-                                     passthrough=passthrough, trainer=args.trainer, jobs=args.jobs,
-                                     dry_run=args.dry_run)
-            else:
-                from .ablation import run_ablation
-
-                res = run_ablation(args.out, args.seeds, jobs=args.jobs, chosen=args.variants,
-                                   passthrough=passthrough, trainer=args.trainer, dry_run=args.dry_run)
-        except (ValueError, FileNotFoundError, TrainError, WriteError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except RunnerInterrupted as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 128 + e.signum
-        print(f"{len(res['done'])} finished, {len(res['skipped'])} already done, {len(res['failed'])} failed")
-        if args.report and not args.dry_run and not res["failed"]:
-            from .report import build_report
-
-            try:
-                out = build_report(args.out, baseline=getattr(args, "baseline", "uniform"))
-            except (ValueError, FileNotFoundError, WriteError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 2
-            print(f"report: {out['report']}")
-        return 1 if res["failed"] else 0
+        return _guarded(lambda: _run(args, passthrough))
     if passthrough:
         print("error: `--` pass-through flags belong to `run`", file=sys.stderr)
         return 2
@@ -116,27 +88,52 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def _confirm(args, passthrough: List[str]) -> int:
-    from .confirm import run_confirm, write_confirm_report
-
+def _guarded(command) -> int:
+    """Run ``command()`` (an exit status); a user-facing failure is one line on stderr."""
     try:
-        if not args.report_only:
-            res = run_confirm(args.out, args.seeds, jobs=args.jobs, trainer=args.trainer, dry_run=args.dry_run,
-                              passthrough=passthrough)
-            print(f"{len(res['done'])} finished, {len(res['skipped'])} already done, {len(res['failed'])} failed")
-            if res["failed"]:
-                return 1
-        if (args.report or args.report_only) and not args.dry_run:
-            out = write_confirm_report(args.out)
-            d = out["decision"]
-            print(f"report: {out['report']}")
-            print(f"decision (rule {d['rule']}): default {d['default']}; better than uniform: {d['helps'] or 'none'}")
+        return command()
     except (ValueError, FileNotFoundError, TrainError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunnerInterrupted as e:
         print(f"error: {e}", file=sys.stderr)
         return 128 + e.signum
+
+
+def _run(args, passthrough: List[str]) -> int:
+    if args.cmd == "run":
+        from .runner import run_experiment
+
+        res = run_experiment(args.out, args.methods, args.seeds, preset=args.preset, grid=args.grid,
+                             passthrough=passthrough, trainer=args.trainer, jobs=args.jobs, dry_run=args.dry_run)
+    else:
+        from .ablation import run_ablation
+
+        res = run_ablation(args.out, args.seeds, jobs=args.jobs, chosen=args.variants, passthrough=passthrough,
+                           trainer=args.trainer, dry_run=args.dry_run)
+    print(f"{len(res['done'])} finished, {len(res['skipped'])} already done, {len(res['failed'])} failed")
+    if args.report and not args.dry_run and not res["failed"]:
+        from .report import build_report
+
+        out = build_report(args.out, baseline=getattr(args, "baseline", "uniform"))
+        print(f"report: {out['report']}")
+    return 1 if res["failed"] else 0
+
+
+def _confirm(args, passthrough: List[str]) -> int:
+    from .confirm import run_confirm, write_confirm_report
+
+    if not args.report_only:
+        res = run_confirm(args.out, args.seeds, jobs=args.jobs, trainer=args.trainer, dry_run=args.dry_run,
+                          passthrough=passthrough)
+        print(f"{len(res['done'])} finished, {len(res['skipped'])} already done, {len(res['failed'])} failed")
+        if res["failed"]:
+            return 1
+    if (args.report or args.report_only) and not args.dry_run:
+        out = write_confirm_report(args.out)
+        d = out["decision"]
+        print(f"report: {out['report']}")
+        print(f"decision (rule {d['rule']}): default {d['default']}; better than uniform: {d['helps'] or 'none'}")
     return 0
 
 
