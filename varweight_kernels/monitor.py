@@ -118,11 +118,12 @@ class LogSNRMonitor(nn.Module):
         return st
 
     # -- the heatmap ------------------------------------------------------------------------
-    def snapshot(self, step: int) -> None:
+    def snapshot(self, step: int, stats: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Add the current per-bin means to the heatmap's history (``log_tensorboard`` calls it).
         Past ``history`` rows, every second one is dropped (and from then on every second snapshot
-        is kept), so the rows stay evenly spaced over the whole run; the newest is always shown."""
-        st = self.stats()
+        is kept), so the rows stay evenly spaced over the whole run; the newest is always shown.
+        ``stats``: this step's ``stats()`` when the caller already has them (no second host copy)."""
+        st = self.stats() if stats is None else stats
         row = st["mean"].numpy().copy()
         row[st["count"].numpy() == 0] = np.nan
         entry = (int(step), row)
@@ -166,15 +167,17 @@ class LogSNRMonitor(nn.Module):
         return np.repeat(np.repeat(image, height, axis=0), width, axis=1)
 
     # -- TensorBoard ------------------------------------------------------------------------
-    def log_tensorboard(self, writer, step: int, tag: str = "logsnr") -> None:
+    def log_tensorboard(self, writer, step: int, tag: str = "logsnr",
+                        stats: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Log the statistics to a ``torch.utils.tensorboard.SummaryWriter`` (on one rank).
 
         ``{tag}/mean``, ``{tag}/var``, ``{tag}/count`` (and ``{tag}/weight`` for VAW's table) go to
         the Histograms tab as histograms over lam whose bar heights are the per-bin values (one
         curve per logged step); ``{tag}/nonfinite`` is a scalar; ``{tag}/loss_heatmap`` is the
-        image of ``heatmap()`` after a ``snapshot(step)``.
+        image of ``heatmap()`` after a ``snapshot(step)``. ``stats``: this step's ``stats()`` when
+        the caller already has them.
         """
-        st = self.stats()
+        st = self.stats() if stats is None else stats
         edges = st["bin_edges"].numpy()
         centres = 0.5 * (edges[:-1] + edges[1:])
         for name in ("mean", "var", "count", "weight"):
@@ -187,7 +190,7 @@ class LogSNRMonitor(nn.Module):
                                      bucket_limits=edges[1:].tolist(), bucket_counts=heights.tolist(),
                                      global_step=step)
         writer.add_scalar(f"{tag}/nonfinite", int(st["nonfinite"]), step)
-        self.snapshot(step)
+        self.snapshot(step, st)
         writer.add_image(f"{tag}/loss_heatmap", self.heatmap(), step, dataformats="HWC")
 
     def extra_repr(self) -> str:

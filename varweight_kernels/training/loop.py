@@ -235,8 +235,9 @@ def _train(cfg: TrainConfig, callbacks: Optional[Callbacks]) -> Dict[str, Any]:
                     interval.reset()
                 else:
                     record["final"] = True
-                log.add_bins(step, observer.stats(), bin_weights)
-                log.tensorboard(lambda writer: observer.log_tensorboard(writer, step))
+                stats = observer.stats()  # one host copy of the bins for binstats.npz and TensorBoard
+                log.add_bins(step, stats, bin_weights)
+                log.tensorboard(lambda writer: observer.log_tensorboard(writer, step, stats=stats))
             if evaluation.due(step):
                 record = record or {"step": step}
                 evaluation(step, ema.module, record)
