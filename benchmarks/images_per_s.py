@@ -36,6 +36,7 @@ from varweight_kernels.training.checkpoint import atomic_write_bytes  # noqa: E4
 from varweight_kernels.training.cli import parse_config  # noqa: E402
 from varweight_kernels.training.config import TrainConfig  # noqa: E402
 from varweight_kernels.training.formulations import make_formulation  # noqa: E402
+from varweight_kernels.training.records import read_metrics  # noqa: E402
 
 
 def random_images(args) -> torch.Tensor:
@@ -52,7 +53,7 @@ def ours(cfg: TrainConfig, images: torch.Tensor, warmup: int) -> float:
         loop.train(cfg)
     finally:
         loop.load_data = original
-    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(str(Path(cfg.out) / "metrics.jsonl"))
     rates = [r["images_per_s"] for r in records if r["step"] > warmup and not r.get("final")]
     return statistics.median(rates)
 

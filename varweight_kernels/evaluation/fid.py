@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import stat
 import tempfile
 import urllib.request
 import warnings
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..training.checkpoint import WriteError, atomic_write_bytes, read_regular
 from ..training.registry import DATASETS
 from . import digits_classifier as dc
 
@@ -170,16 +170,13 @@ def _load_statistics(path: Path) -> Optional[Dict[str, np.ndarray]]:
     """Cached reference statistics (``mu`` float32 (2048,), ``sigma`` float64 (2048, 2048), finite),
     or None when ``path`` is missing, not a regular file, or holds anything else (it is recomputed).
     ``allow_pickle=False``: no object array, so no code, is ever read."""
-    try:  # O_NOFOLLOW: never read through a link; O_NONBLOCK: a FIFO does not block
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:  # a regular file only: never read through a link, never waiting on a FIFO
+        data = read_regular(str(path))
     except OSError:
         return None
     try:
-        with open(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-                return None
-            with np.load(fh, allow_pickle=False) as z:
-                stats = {"mu": z["mu"], "sigma": z["sigma"]}
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            stats = {"mu": z["mu"], "sigma": z["sigma"]}
     except Exception:  # truncated, not an npz, object arrays, missing keys: recompute
         return None
     mu, sigma = stats["mu"], stats["sigma"]
@@ -194,20 +191,13 @@ def _save_statistics(path: Path, stats: Dict[str, np.ndarray]) -> None:
     """Write the statistics atomically (a fresh temp file renamed over ``path``); a failure only warns."""
     buf = io.BytesIO()
     np.savez(buf, mu=stats["mu"], sigma=stats["sigma"])
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp-", suffix=".npz")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getbuffer())
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as e:
-        warnings.warn(f"could not cache the FID reference statistics in {path} ({e.strerror or e})",
+        atomic_write_bytes(str(path), buf.getbuffer())
+    except (OSError, WriteError) as e:  # mkdir's OSError, or the write's
+        reason = e.reason if isinstance(e, WriteError) else e.strerror or e
+        warnings.warn(f"could not cache the FID reference statistics in {path} ({reason})",
                       RuntimeWarning, stacklevel=2)
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class FIDEvaluator:

@@ -74,11 +74,15 @@ def plan(out: Path, seeds: Sequence[int], chosen: Optional[Sequence[str]] = None
     unknown = sorted(set(chosen or ()) - set(labels))
     if unknown:
         raise ValueError(f"unknown ablation variants {unknown}; choose from {labels}")
+    return variant_specs(out, seeds, [v for v in known if not chosen or v.label in chosen])
+
+
+def variant_specs(out: Path, seeds: Sequence[int], chosen: Sequence[Variant]) -> List[RunSpec]:
+    """One run a variant and seed, ``OUT/runs/LABEL/seedS`` (all flags recorded as the variant's
+    own), seed-major: an interrupted study has every variant on its first seeds, so it is paired."""
     specs = []
     for seed in seeds:
-        for v in known:
-            if chosen and v.label not in chosen:
-                continue
+        for v in chosen:
             flags = [item for name, value in v.flags for item in ([f"--{name}"] + ([value] if value else []))]
             specs.append(RunSpec(label=v.label, method=v.method, seed=int(seed),
                                  out=str(out / "runs" / v.label / f"seed{int(seed)}"), flags=flags,

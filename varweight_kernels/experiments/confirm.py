@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats as sps
 
 from ..training.checkpoint import atomic_write_bytes
-from .ablation import PRESET, Variant
+from .ablation import PRESET, Variant, variant_specs
 from .runner import RunSpec, run_specs
 from .runs import load_runs
 from .stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, curve_auc, t_confidence_interval
@@ -98,14 +98,7 @@ def variant_by_label() -> Dict[str, Variant]:
 
 def plan(out: Path, seeds: Sequence[int]) -> List[RunSpec]:
     """One run a variant and seed, ``OUT/runs/LABEL/seedS``, seed-major (an interrupted study is paired)."""
-    specs = []
-    for seed in seeds:
-        for v in VARIANTS:
-            flags = [item for name, value in v.flags for item in ([f"--{name}"] + ([value] if value else []))]
-            specs.append(RunSpec(label=v.label, method=v.method, seed=int(seed),
-                                 out=str(out / "runs" / v.label / f"seed{int(seed)}"), flags=flags,
-                                 scoped={name: value or "on" for name, value in v.flags}))
-    return specs
+    return variant_specs(out, seeds, VARIANTS)
 
 
 def run_confirm(out: str, seeds: Optional[Sequence[int]] = None, jobs: int = 1, trainer: Optional[str] = None,

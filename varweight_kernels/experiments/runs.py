@@ -20,7 +20,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-INT64_MAX = 2 ** 63 - 1
+from ..training.checkpoint import NotRegularFile, file_kind, read_regular
+from ..training.records import parse_metrics
+
 BINSTATS_TABLES = ("mean", "var", "count", "weight")  # (T, K) per logged step and bin
 
 
@@ -70,35 +72,19 @@ def finite(v) -> bool:
 # ---------------------------------------------------------------------------------------------
 # reading files: regular files only
 # ---------------------------------------------------------------------------------------------
-def _kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a link"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return name
-    return "not a regular file"
-
-
 def regular_bytes(path: Path) -> Optional[bytes]:
     """The content of ``path``, None when it does not exist; a link, folder, FIFO or device is a
-    ``ValueError`` (opened with O_NOFOLLOW | O_NONBLOCK, so neither is followed nor waited on)."""
+    ``ValueError`` (``checkpoint.read_regular``: neither followed nor waited on)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        return read_regular(str(path))
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        if os.path.islink(path):
+    except NotRegularFile as exc:
+        if exc.what == "a link":
             raise ValueError(f"{path} is a link; a run folder holds only the files the trainer wrote") from None
-        raise ValueError(f"{path} is unreadable: {exc.strerror or exc}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ValueError(f"{path} is {_kind(mode)}, not a file the trainer wrote")
-        with open(fd, "rb", closefd=False) as fh:
-            return fh.read()
+        raise ValueError(f"{path} is {exc.what}, not a file the trainer wrote") from None
     except OSError as exc:
         raise ValueError(f"{path} is unreadable: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
 
 
 def is_marker(path: Path) -> bool:
@@ -109,7 +95,7 @@ def is_marker(path: Path) -> bool:
     except FileNotFoundError:
         return False
     if not stat.S_ISREG(mode):
-        raise ValueError(f"{path} is {_kind(mode)}, not a file the trainer wrote")
+        raise ValueError(f"{path} is {file_kind(mode)}, not a file the trainer wrote")
     return True
 
 
@@ -119,35 +105,11 @@ def real_folder(path: Path, what: str) -> None:
         raise ValueError(f"{path} ({what}) is a link; an experiment reads and writes only inside its own folder")
 
 
-def _text(path: Path, data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start})") from None
-
-
 def read_jsonl(path: Path) -> List[Dict]:
-    """Metrics records (JSON objects with an integer ``step`` if any); a line cut by a crash is
-    skipped, any other bad line is a ``ValueError`` naming the file and line."""
+    """Metrics records (``records.parse_metrics``: a line cut by a crash is skipped, any other bad
+    line is a ``ValueError`` naming the file and line)."""
     data = regular_bytes(path)
-    if data is None:
-        return []
-    out = []
-    for number, line in enumerate(_text(path, data).splitlines(), 1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a crash
-        if not isinstance(record, dict):
-            raise ValueError(f"{path} line {number} is not a metrics record (a JSON object): {line[:60]}")
-        step = record.get("step", 0)
-        if type(step) is not int or not 0 <= step <= INT64_MAX:
-            raise ValueError(f"{path} line {number}: step must be an integer from 0 to 2**63-1, got {str(step)[:40]}")
-        out.append(record)
-    return out
+    return [] if data is None else parse_metrics(data, path)
 
 
 def read_json(path: Path) -> Dict:

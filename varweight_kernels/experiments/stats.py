@@ -33,6 +33,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from scipy import stats as sps
 
+from ..training.records import format_number
+
 BOOTSTRAP_SEED = 0
 BOOTSTRAP_RESAMPLES = 10000
 
@@ -133,12 +135,8 @@ def paired_comparison(method_scores: Mapping[int, float], baseline_scores: Mappi
 
 
 def fmt(x, digits: int = 4) -> str:
-    """A number for the report's tables ("n/a" for None, NaN, inf or text)."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return "n/a"
-    return f"{v:.{digits}g}" if math.isfinite(v) else "n/a"
+    """A number for the report's tables ("n/a" for None, NaN, inf or text): ``records.format_number``."""
+    return format_number(x, digits)
 
 
 def _fmt(x: float, digits: int = 3) -> str:

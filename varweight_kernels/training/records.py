@@ -9,32 +9,43 @@ from typing import Any, Dict, List
 
 from . import checkpoint as ckpt
 
-__all__ = ["read_metrics", "format_number"]
+__all__ = ["read_metrics", "parse_metrics", "format_number"]
+
+
+INT64_MAX = 2 ** 63 - 1
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:
-    """The records of a metrics.jsonl, in order: the one reader of the format (the trainer's
-    resume, the run index, the experiments). Only a regular file is read (never through a link,
-    never waiting on a FIFO: ``OSError`` otherwise); a missing file holds none. Blank lines and
-    lines that are not JSON (a line cut by a crash) are skipped; a line that is not UTF-8, or JSON
-    that is not an object with an integer "step" (where it has one), raises ``ValueError`` naming
-    the file and the line."""
+    """The records of a metrics.jsonl, in order (see ``parse_metrics``). Only a regular file is
+    read (never through a link, never waiting on a FIFO: ``OSError`` otherwise); a missing file
+    holds none."""
     try:
         data = ckpt.read_regular(path)
     except FileNotFoundError:
         return []
+    return parse_metrics(data, path)
+
+
+def parse_metrics(data: bytes, name: Any) -> List[Dict[str, Any]]:
+    """The records in the bytes of a metrics.jsonl: the one parser of the format (the trainer's
+    resume, the run index, the experiments). Blank lines and lines that are not JSON (a line cut
+    by a crash) are skipped; a line that is not UTF-8, or JSON that is not an object whose "step"
+    (where it has one) is an integer from 0 to 2**63-1, raises ``ValueError`` naming ``name`` and
+    the line."""
     records = []
     for number, raw in enumerate(data.splitlines(), 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError(f"{path} line {number} is not UTF-8 text") from None
+            raise ValueError(f"{name} line {number} is not UTF-8 text") from None
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if not (isinstance(rec, dict) and type(rec.get("step", 0)) is int):
-            raise ValueError(f"{path} line {number} is not a metrics record (an object with an integer step)")
+        step = rec.get("step", 0) if isinstance(rec, dict) else None
+        if type(step) is not int or not 0 <= step <= INT64_MAX:
+            raise ValueError(f"{name} line {number} is not a metrics record (an object with an integer step "
+                             "from 0 to 2**63-1)")
         records.append(rec)
     return records
 

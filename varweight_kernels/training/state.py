@@ -67,24 +67,30 @@ def saved_config(out: str) -> TrainConfig:
     return checkpoint_config(path, state)
 
 
-def _peeked_or_load(path: str) -> Dict[str, Any]:
-    """The checkpoint at ``path``: the one ``saved_config`` already read and verified if it is that
-    unchanged file, else read and verified now."""
+def _take_peeked(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The state ``saved_config`` read and verified, if it is ``path`` and that file is unchanged on
+    disk; else None. The slot is emptied either way."""
     peeked = dict(_PEEKED)
     _PEEKED.clear()
-    if peeked and peeked["path"] == path and _identity(path) == peeked["identity"]:
+    if peeked and path is not None and peeked["path"] == path and _identity(path) == peeked["identity"]:
         return peeked["state"]
-    return ckpt.load_checkpoint(path)
+    return None
+
+
+def _peeked_or_load(path: str) -> Dict[str, Any]:
+    """The checkpoint at ``path``, read and verified (by ``saved_config`` already, or now)."""
+    state = _take_peeked(path)
+    return ckpt.load_checkpoint(path) if state is None else state
 
 
 def read_latest_good(folder: str, warn: Callable[[str], None], quarantine: bool) -> Tuple[str, Dict[str, Any]]:
     """``checkpoint.load_latest_good``, except that the checkpoint ``saved_config`` just read and
     verified, if it is still the newest file and unchanged on disk, is not read and checksummed again."""
-    peeked = dict(_PEEKED)
-    _PEEKED.clear()
     newest = ckpt.list_checkpoints(folder)[:1]
-    if peeked and newest and newest[0][1] == peeked["path"] and _identity(peeked["path"]) == peeked["identity"]:
-        return peeked["path"], peeked["state"]
+    path = newest[0][1] if newest else None
+    state = _take_peeked(path)
+    if state is not None:
+        return path, state
     return ckpt.load_latest_good(folder, warn=warn, quarantine=quarantine)
 
 

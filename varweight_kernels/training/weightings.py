@@ -51,14 +51,10 @@ from torch import nn
 
 from .. import VarianceAwareWeighting
 from .. import weightings as lib
+from ..rules import _hp
 
 __all__ = ["Weighting", "UniformWeighting", "VAWWeighting", "SeedCauchyWeighting", "SeedStandardizedWeighting",
            "MinSNRWeighting", "P2Weighting", "EDM2Weighting", "WEIGHTINGS", "make_weighting"]
-
-def _hp(t: torch.Tensor) -> torch.Tensor:
-    """Detached, at least float32 (float64 stays float64) for computing weights."""
-    t = t.detach()
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _check_snr_scale(scale: float) -> float:
