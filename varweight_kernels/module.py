@@ -21,7 +21,7 @@ STATE_FORMAT_VERSION = 1
 STATISTIC_BUFFERS = ("M", "Q", "Z", "C", "weight")
 NONNEGATIVE_BUFFERS = ("Q", "Z", "C", "weight", "step", "nonfinite")
 RANGE_CHECKS = 8  # calls whose lam is compared with logsnr_range (one host read each on CUDA)
-SAFETENSORS_KEY = "varweight_extra_state"
+SAFETENSORS_KEY = "varweight_extra_state"  # save_state's metadata entry: the extra state as JSON
 # The default prior: the paper's batch-centred Cauchy weights at this alpha. The pre-registered
 # confirmatory study of issue 22 confirmed power -1 times this prior better than uniform
 # (docs/results/digits-confirm); power -1 alone, the default before it, was confirmed worse.
@@ -37,8 +37,7 @@ class _DefaultPrior:
         return f"CauchyWeighting(alpha={DEFAULT_PRIOR_ALPHA})"
 
 
-DEFAULT_PRIOR: Any = _DefaultPrior()  # save_state's metadata entry: the extra state as JSON
-
+DEFAULT_PRIOR: Any = _DefaultPrior()
 
 
 class VarianceAwareWeighting(nn.Module):
